@@ -1,0 +1,195 @@
+"""The SFT LightningModule: wraps any Hugging Face causal LM.
+
+Loss is token-averaged cross-entropy over response tokens only (the DataModule labels prompt and
+padding with -100). Validation also generates answers for a few held-out prompts and scores them
+with the task's exact-match checker (`val/acc`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics.text import Perplexity
+
+from lit_heads.models import DEFAULT_MODEL, load_model, load_tokenizer
+from lit_heads.optim import WarmupCosine, default_adamw
+
+
+def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled (response) tokens of the whole batch."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+class SFTModule(L.LightningModule):
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        optimizer: OptimizerCallable = default_adamw,
+        scheduler: LRSchedulerCallable | None = WarmupCosine,
+        attn_implementation: str | None = None,
+        num_generate: int = 16,
+        max_new_tokens: int = 48,
+        gradient_checkpointing: bool = False,
+    ):
+        """
+        Args:
+            model: bundled short name ('smollm2-135m'), local HF directory, .gguf file, or hub id.
+            optimizer: optimizer factory (class_path/init_args in YAML); default AdamW(lr=2e-4, wd=0.01).
+            scheduler: LR schedule factory; default linear warmup + cosine decay to the last step.
+            attn_implementation: 'sdpa' (default of transformers), 'eager', 'flash_attention_2', ...
+            num_generate: validation prompts answered by greedy generation for `val/acc` (0 disables).
+            max_new_tokens: generation budget per validation prompt.
+            gradient_checkpointing: trade compute for activation memory.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = load_model(model, attn_implementation=attn_implementation)
+        self.tokenizer = load_tokenizer(model)
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.val_ppl = Perplexity(ignore_index=-100)
+        self._batch_started = 0.0
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def loss(self, batch) -> torch.Tensor:
+        return response_loss(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+
+    # ---- training -------------------------------------------------------------------------
+    def on_fit_start(self):
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        rank_zero_info(
+            f"lit_heads: trainable parameters {trainable:,} ({100 * trainable / max(total, 1):.2f}%), "
+            f"frozen {total - trainable:,}, total {total:,}"
+        )
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self._batch_started = time.perf_counter()
+
+    def training_step(self, batch, batch_idx):
+        loss = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        elapsed = time.perf_counter() - self._batch_started
+        tokens = int(batch["attention_mask"].sum()) * self.trainer.world_size
+        self.log("train/tokens_per_s", tokens / max(elapsed, 1e-9), prog_bar=True)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    # ---- validation -----------------------------------------------------------------------
+    def validation_step(self, batch, batch_idx):
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        loss = response_loss(logits, batch["labels"])
+        self.val_ppl.update(logits[:, :-1].float(), batch["labels"][:, 1:])
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        self.log("val/ppl", self.val_ppl, on_epoch=True)
+
+    test_step = validation_step
+
+    def on_validation_epoch_end(self):
+        if self.trainer.sanity_checking or not self.hparams.num_generate:
+            return
+        datamodule = self.trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "generation_examples"):
+            return
+        correct, total, rows = self.generation_accuracy(datamodule, self.hparams.num_generate)
+        self.log("val/acc", correct / max(total, 1), prog_bar=True, sync_dist=True)  # equal on all ranks already
+        self._log_samples(rows)
+
+    def generation_accuracy(self, datamodule, n: int) -> tuple[int, int, list[list[str]]]:
+        """Greedy answers for the first `n` validation prompts, split across ranks and summed, so
+        every rank returns the same global (correct, total)."""
+        from lit_heads.data import is_checkable, is_correct
+
+        # Examples without an answer (plain prompt/response data) cannot be graded, only shown.
+        examples = [e for e in datamodule.generation_examples(n) if is_checkable(e)]
+        world, rank = self.trainer.world_size if self._trainer else 1, self.global_rank
+        mine = examples[rank::world]
+        answers = self.generate([datamodule.render_prompt_ids(e) for e in mine]) if mine else []
+        ok = [is_correct(e, a) for e, a in zip(mine, answers)]
+        counts = torch.tensor([sum(ok), len(ok)], device=self.device)
+        if world > 1:
+            counts = self.all_gather(counts).sum(0)
+        rows = [[_short(e.prompt), a, str(e.answer), str(k)] for e, a, k in zip(mine, answers, ok)]
+        return int(counts[0]), int(counts[1]), rows
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], batch_size: int = 16) -> list[str]:
+        """Greedy continuation of token-id prompts, decoded without special tokens."""
+        pad = self.tokenizer.pad_token_id
+        was_training = self.model.training
+        self.model.eval()
+        out: list[str] = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            width = max(len(p) for p in chunk)
+            # Left padding keeps every prompt's last token at the same position for batched decoding.
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=self.device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=self.device)
+            generated = self.model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=self.hparams.max_new_tokens,
+                do_sample=False, pad_token_id=pad, eos_token_id=self.tokenizer.eos_token_id,
+            )
+            out += self.tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+        self.model.train(was_training)
+        return [text.strip() for text in out]
+
+    def _log_samples(self, rows: list[list[str]]) -> None:
+        if not rows or self.global_rank != 0:
+            return
+        for logger in self.loggers:
+            if hasattr(logger, "log_text"):
+                try:
+                    logger.log_text(key="val/samples", columns=["prompt", "generated", "answer", "correct"], data=rows, step=self.global_step)
+                except Exception as err:  # a logging failure must never stop training
+                    rank_zero_info(f"lit_heads: could not log sample table: {err}")
+
+    # ---- optimization ---------------------------------------------------------------------
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        if isinstance(scheduler, WarmupCosine) and scheduler.total_steps is None:
+            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- export ---------------------------------------------------------------------------
+    def export_hf(self, directory: str | Path) -> Path:
+        """Write the model and tokenizer in Hugging Face format, atomically (temp dir, then rename)."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+        try:
+            self.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            if directory.exists():
+                old = directory.with_name(f".{directory.name}-old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(directory, old)
+                os.replace(tmp, directory)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, directory)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return directory
+
+
+def _short(prompt, limit: int = 200) -> str:
+    text = prompt if isinstance(prompt, str) else " | ".join(m.get("content", "") for m in prompt)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

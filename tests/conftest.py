@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny random models saved as Hugging Face directories with the bundled tokenizer,
+so the whole stack (CLI, module, data) runs on them in seconds."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/tiny_models.py
+os.environ.setdefault("WANDB_MODE", "offline")  # never prompt or reach the network from tests
+os.environ.setdefault("WANDB_SILENT", "true")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def pytest_collection_modifyitems(config, items):
+    # Integration tests (real bundled model) last, so unit failures show up first.
+    items.sort(key=lambda item: item.get_closest_marker("integration") is not None)
+
+
+@pytest.fixture(scope="session")
+def bundled_tokenizer():
+    from lit_heads.models import load_tokenizer
+
+    return load_tokenizer("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, bundled_tokenizer):
+    """A 2-layer Llama with GQA (4 query heads, 2 KV heads) and the bundled tokenizer, on disk."""
+    from tiny_models import tiny_model
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = bundled_tokenizer
+    model = tiny_model(
+        "llama", attn_implementation="sdpa", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+        head_dim=16, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
