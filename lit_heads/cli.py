@@ -57,16 +57,29 @@ def run_lightning(args: list[str] | None) -> None:
     )
 
 
-def _extra_commands() -> dict:
-    from lit_heads.commands import ap
+EXTRA_COMMANDS = {
+    "ap": "lit_heads.commands.ap",            # activation pattern of a model on data
+    "compare": "lit_heads.commands.compare",  # full vs head-restricted SFT arms, one report
+    "compose": "lit_heads.commands.compose",  # fit a pattern change as a combination of others
+    "mix": "lit_heads.commands.mix",          # AP-guided mix of basic-task data
+    "study": "lit_heads.commands.study",      # the paper's study end to end
+}
 
-    return {"ap": ap.main}
+
+def _extra_commands() -> dict:
+    """Each extra command is a module with `main(argv)`, imported only when it is run."""
+    import importlib
+
+    def runner(module: str):
+        return lambda argv: importlib.import_module(module).main(argv)
+
+    return {name: runner(module) for name, module in EXTRA_COMMANDS.items()}
 
 
 DESCRIPTION = (
     "lit_heads: SFT of causal LMs with attention-head activation patterns. Training subcommands: fit, "
-    "validate, test, predict (LightningCLI). Analysis subcommands: ap (activation pattern of a model on "
-    "data); run `lit_heads ap --help`."
+    "validate, test, predict (LightningCLI). Analysis subcommands: ap, compare, compose, mix, study; "
+    "run `lit_heads <command> --help`."
 )
 
 

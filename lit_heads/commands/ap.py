@@ -114,4 +114,4 @@ def _writable_dir(path: str) -> Path:
 def main(argv: list[str]) -> None:
     from jsonargparse import auto_cli
 
-    auto_cli(ap, args=argv, as_positional=False)
+    auto_cli(ap, args=argv, as_positional=False, prog="lit_heads ap")
