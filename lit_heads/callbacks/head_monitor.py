@@ -69,9 +69,12 @@ class HeadActivationMonitor(L.Callback):
         batches = list(self._probe_loader(trainer.datamodule))
         # Each rank scores its own share; compute_ap all-reduces, so the result is the AP of the union.
         self._probe_batches = batches[trainer.global_rank :: trainer.world_size]
-        if self.history.steps and self.history.steps[-1] == trainer.global_step:
-            return  # resumed right after a recorded step
-        self.record(trainer, pl_module)
+
+    def on_train_start(self, trainer, pl_module):
+        # The baseline pattern, once per run: a resumed run has it from the checkpoint already, and
+        # recording at the resume step would make its history differ from an uninterrupted run's.
+        if not self.history.steps:
+            self.record(trainer, pl_module)
 
     def _probe_loader(self, datamodule):
         if datamodule is None:

@@ -39,6 +39,7 @@ class PatternHistory:
     def statistics(self, i: int, top_k: int = 10) -> dict[str, float]:
         current, first = self.scores[i], self.scores[0]
         previous = self.scores[i - 1] if i > 0 else current
+        top_k = min(top_k, current.numel())  # small models have fewer heads than the default k
         return {
             **stats.summary(current),
             "mse_vs_start": stats.mse(current, first),
@@ -84,6 +85,7 @@ class PatternHistory:
         """Statistics over steps, one panel each, saved atomically as PNG."""
         from matplotlib.figure import Figure
 
+        top_k = min(top_k, self.scores[0].numel())
         rows = [self.statistics(i, top_k) for i in range(len(self))]
         keys = ["gini", "cv", "entropy", "corr_vs_start", "mse_vs_start", "topk_overlap_prev"]
         fig = Figure(figsize=(11, 6))
