@@ -106,9 +106,24 @@ def checkpoint_base_model(path: str | Path) -> str:
 
 
 def _load_checkpoint_weights(model, path: Path):
-    state = _read_checkpoint(path)["state_dict"]
-    weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    checkpoint = _read_checkpoint(path)
+    weights = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    restriction = None
+    if any(".parametrizations." in k for k in weights):
+        # A head-restricted fit saves frozen base weights plus per-head deltas under parametrized
+        # names: rebuild the same restriction from the callback's saved state, load, then merge.
+        from lit_heads.callbacks.head_restricted import restriction_from_checkpoint
+
+        restriction = restriction_from_checkpoint(model, checkpoint)
+        if restriction is None:
+            raise ModelError(
+                f"Checkpoint {path} holds parametrized (head-delta) weights but no HeadRestrictedFinetuning "
+                "state, so it is unknown which heads its deltas belong to. Use a checkpoint written by "
+                "`lit_heads fit` with the HeadRestrictedFinetuning callback, or its HF export."
+            )
     missing, unexpected = model.load_state_dict(weights, strict=False)
+    if restriction is not None:
+        restriction.merge()
     if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
         raise ModelError(
             f"Checkpoint {path} does not fit model {checkpoint_base_model(path)}: "

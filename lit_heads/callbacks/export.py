@@ -22,18 +22,17 @@ class ExportHF(L.Callback):
             dirpath: export folder; default `<log dir>/export`.
         """
         self.dirpath = dirpath
-        self.exported_to: Path | None = None
+        self.target: Path | None = None
 
-    def resolve_dir(self, trainer: L.Trainer) -> Path:
-        return Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "export"
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # trainer.log_dir is a collective call under DDP: resolve it here, on every rank.
+        self.target = Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "export"
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for callback in trainer.callbacks:
             if hasattr(callback, "merge_for_export"):
                 callback.merge_for_export(pl_module)
-        target = self.resolve_dir(trainer)
         if trainer.is_global_zero:
-            pl_module.export_hf(target)
-            rank_zero_info(f"lit_heads: exported Hugging Face model to {target}")
+            pl_module.export_hf(self.target)
+            rank_zero_info(f"lit_heads: exported Hugging Face model to {self.target}")
         trainer.strategy.barrier("lit_heads_export")
-        self.exported_to = target

@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from lit_heads.callbacks.export import ExportHF
 from lit_heads.module import response_loss
 
 
@@ -66,17 +67,23 @@ class FitSummary(L.Callback):
 
     def summary(self, trainer, log_dir: Path) -> dict:
         checkpoint = trainer.checkpoint_callback
-        export = next((c for c in trainer.callbacks if hasattr(c, "exported_to")), None)
+        export = next((c for c in trainer.callbacks if isinstance(c, ExportHF)), None)
         logger = trainer.logger
         return {
             "steps": trainer.global_step,
             "before": self.before,
             "after": self.after,
-            "log_dir": str(log_dir),
-            "wandb_run": getattr(logger, "run_dir", None),
-            "checkpoint": (checkpoint.last_model_path or checkpoint.best_model_path) if checkpoint else None,
-            "export": str(export.exported_to) if export and export.exported_to else None,
+            **{key: _absolute(path) for key, path in (
+                ("log_dir", log_dir),
+                ("wandb_run", getattr(logger, "run_dir", None)),
+                ("checkpoint", (checkpoint.last_model_path or checkpoint.best_model_path) if checkpoint else None),
+                ("export", export.target if export else None),
+            )},
         }
+
+
+def _absolute(path) -> str | None:
+    return str(Path(path).resolve()) if path else None
 
 
 def format_summary(s: dict) -> str:
