@@ -7,9 +7,6 @@ with the task's exact-match checker (`val/acc`).
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +17,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.text import Perplexity
 
+from lit_heads.atomic import atomic_dir
 from lit_heads.models import DEFAULT_MODEL, load_model, load_tokenizer
 from lit_heads.optim import WarmupCosine, default_adamw
 
@@ -171,23 +169,10 @@ class SFTModule(L.LightningModule):
     # ---- export ---------------------------------------------------------------------------
     def export_hf(self, directory: str | Path) -> Path:
         """Write the model and tokenizer in Hugging Face format, atomically (temp dir, then rename)."""
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
-        try:
+        with atomic_dir(directory) as tmp:
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
-            if directory.exists():
-                old = directory.with_name(f".{directory.name}-old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(directory, old)
-                os.replace(tmp, directory)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, directory)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return directory
+        return Path(directory)
 
 
 def _short(prompt, limit: int = 200) -> str:

@@ -17,11 +17,11 @@ import json
 import math
 import os
 import random
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
+from lit_heads.atomic import atomic_write_text
 from lit_heads.data.records import Example
 from lit_heads.errors import ConfigError, DataError
 
@@ -135,12 +135,6 @@ def _as_record(record: Any, index: int) -> dict[str, Any]:
     return {key: record.get(key) for key in RECORD_KEYS}
 
 
-def _umask() -> int:
-    mask = os.umask(0)  # the only portable way to read the umask is to set it and put it back
-    os.umask(mask)
-    return mask
-
-
 def write_jsonl(records: Iterable[Any], path: str | os.PathLike) -> Path:
     """Write records as prompt_response JSONL (keys prompt, response, answer, task), atomically.
 
@@ -150,18 +144,5 @@ def write_jsonl(records: Iterable[Any], path: str | os.PathLike) -> Path:
     path = Path(path)
     # Validate everything before touching the disk, so a bad record leaves no trace.
     lines = [json.dumps(_as_record(r, i), ensure_ascii=False) for i, r in enumerate(records)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp makes the file private (0600); give it the mode a plain open() would have.
-        os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for line in lines:
-                f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
     return path

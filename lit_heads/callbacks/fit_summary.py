@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from lit_heads.atomic import atomic_write_text
 from lit_heads.callbacks.export import ExportHF
 from lit_heads.module import response_loss
 
@@ -39,9 +39,7 @@ class FitSummary(L.Callback):
             summary = self.summary(trainer, log_dir)
             rank_zero_info(format_summary(summary))
             log_dir.mkdir(parents=True, exist_ok=True)
-            tmp = log_dir / ".fit_summary.json.tmp"
-            tmp.write_text(json.dumps(summary, indent=2))
-            os.replace(tmp, log_dir / "fit_summary.json")
+            atomic_write_text(log_dir / "fit_summary.json", json.dumps(summary, indent=2))
 
     @torch.no_grad()
     def measure(self, trainer, pl_module) -> dict[str, float]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from lit_heads.atomic import atomic_write_text
 from lit_heads.errors import ConfigError
 
 PRECISIONS = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16, "bf16-true": torch.bfloat16}
@@ -85,9 +86,7 @@ def ap(
         "seconds": round(seconds, 2),
         "files": {name: str(out / name) for name in ("pattern.safetensors", "pattern.npy", "heatmap.png", "summary.json")},
     }
-    tmp = out / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(out / "summary.json")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     s = summary["statistics"]
     print(
         f"activation pattern of {model} on {data}: {pattern.shape[0]} layers x {pattern.shape[1]} heads, "

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lit_heads.atomic import atomic_write  # re-exported: callers import it from here too
 from lit_heads.errors import ConfigError, DataError
 
 __all__ = ["FORMULA_VERSION", "Pattern", "atomic_write", "heatmap"]
@@ -26,30 +26,6 @@ __all__ = ["FORMULA_VERSION", "Pattern", "atomic_write", "heatmap"]
 FORMULA_VERSION = "ap-eq2-v1"
 _META_KEY = "lit_heads"
 _TENSOR_KEY = "scores"
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temp file in the same directory + os.replace, so readers (and a crash mid-write)
-    never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-# Public name for other artifact writers (history files, reports); `_atomic_write` stays for existing imports.
-atomic_write = _atomic_write
 
 
 @dataclass
@@ -116,7 +92,7 @@ class Pattern:
                 f"value (e.g. a tensor or Path) to a number or string."
             ) from None
         blob = st_save({_TENSOR_KEY: self.scores}, metadata={_META_KEY: meta_json})
-        _atomic_write(path, lambda f: f.write(blob))
+        atomic_write(path, lambda f: f.write(blob))
         return path
 
     @classmethod
@@ -147,7 +123,7 @@ class Pattern:
     def to_npy(self, path: str | os.PathLike) -> Path:
         path = Path(path)
         arr = self.numpy()
-        _atomic_write(path, lambda f: np.save(f, arr, allow_pickle=False))
+        atomic_write(path, lambda f: np.save(f, arr, allow_pickle=False))
         return path
 
     @classmethod
@@ -197,5 +173,5 @@ def heatmap(pattern: Pattern | torch.Tensor | np.ndarray, path: str | os.PathLik
     fig.colorbar(im, ax=ax, label="activation score")
     fig.tight_layout()
     fmt = path.suffix.lstrip(".") or "png"
-    _atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi))
+    atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi))
     return path
