@@ -113,17 +113,16 @@ class HeadActivationMonitor(L.Callback):
         step = trainer.global_step
         pattern = compute_ap(pl_module.model, self._probe_batches, progress=False, meta={"step": step, "data": f"probe:{self.probe}"})
         metrics = self.history.append(step, pattern.scores, top_k=self.top_k)
+        free = self._reduce_free(trainer, pattern.scores.shape) if self.free else None
         if trainer.is_global_zero:
+            if free is not None:
+                self._log(trainer, {f"heads_free/{k}": v for k, v in stats.summary(free).items()}, step)
             self.history.save(self.out_dir / "ap_history.safetensors", meta={"probe": self.probe, "probe_size": self.probe_size})
             image = heatmap(pattern, self.out_dir / f"ap_step{step:06d}.png", title=f"activation pattern, step {step}")
             self._log(trainer, {f"heads/{k}": v for k, v in metrics.items()}, step)
             self._log_image(trainer, "heads/heatmap", image)
             if self.log_table:
                 self._log_rows(trainer, step, pattern.scores)
-            if self._free_count:
-                free = self._free_sum / self._free_count
-                self._log(trainer, {f"heads_free/{k}": v for k, v in stats.summary(free).items()}, step)
-                self._free_sum, self._free_count = None, 0
         return pattern
 
     # ---- the free pattern, from the training backward -----------------------------------------
@@ -145,6 +144,15 @@ class HeadActivationMonitor(L.Callback):
             batch_sum = scores.abs().sum(0).double().cpu()
             self._free_sum = batch_sum if self._free_sum is None else self._free_sum + batch_sum
             self._free_count += scores.shape[0]
+
+    def _reduce_free(self, trainer, shape) -> torch.Tensor | None:
+        """The free AP since the last record, over the training samples of every rank (a collective)."""
+        local = self._free_sum if self._free_sum is not None else torch.zeros(shape, dtype=torch.float64)
+        packed = torch.cat([local.flatten(), torch.tensor([float(self._free_count)], dtype=torch.float64)])
+        packed = trainer.strategy.reduce(packed.to(trainer.strategy.root_device), reduce_op="sum").cpu()
+        self._free_sum, self._free_count = None, 0
+        count = int(packed[-1])
+        return (packed[:-1] / count).view(shape).float() if count else None
 
     # ---- logging and state --------------------------------------------------------------------
     @staticmethod
