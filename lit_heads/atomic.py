@@ -28,7 +28,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    _fsync_dir(path.parent)
     return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable (the directory entry); not possible on every OS/filesystem.
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _umask() -> int:
@@ -59,3 +70,18 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
             os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def writable_dir(path: str | os.PathLike) -> Path:
+    """Create `path` if needed and check that files can be written in it, before any work starts."""
+    from lit_heads.errors import ConfigError
+
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"Output folder {out} is not writable ({err.strerror}). Choose another --output.") from err
+    return out

@@ -8,6 +8,7 @@ the same config style; they are listed in `EXTRA_COMMANDS`.
 
 from __future__ import annotations
 
+import pickle
 import sys
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -20,6 +21,26 @@ from lit_heads.module import SFTModule
 class SaveConfigToLoggers(SaveConfigCallback):
     """Save the resolved config next to the run (overwriting the previous run's copy) and send it to
     the loggers, so the W&B run holds the exact config that produced it."""
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        # Deferred to the start of the run: a run that fails while its callbacks set up or its
+        # checkpoint loads must not replace the previous good run's config.yaml.
+        pass
+
+    def _save_once(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)  # a no-op once saved; collective, so every rank calls it
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._save_once(trainer, pl_module, "fit")
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._save_once(trainer, pl_module, "validate")
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._save_once(trainer, pl_module, "test")
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self._save_once(trainer, pl_module, "predict")
 
     def save_config(self, trainer, pl_module, stage) -> None:
         config = self.parser.dump(self.config, skip_none=False)
@@ -38,20 +59,44 @@ class LitHeadsCLI(LightningCLI):
         # The data is tokenized with the model's own tokenizer; one name configures both.
         parser.link_arguments("model.model", "data.tokenizer")
 
-    def _finish_loggers(self) -> None:
-        for logger in self.trainer.loggers:
-            if hasattr(logger, "finish"):
-                logger.finish()
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads --ckpt_path's hyper-parameters with torch.load before the Trainer (and
+        # its CheckpointIO with clear errors) sees the file.
+        try:
+            super()._parse_ckpt_path()
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+            from lit_heads.checkpoint_io import unreadable_checkpoint
 
-    after_fit = after_validate = after_test = after_predict = _finish_loggers
+            raise unreadable_checkpoint(self.config[self.config.subcommand].get("ckpt_path"), err) from err
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        # Close the W&B run whatever happens: a run left open would be adopted by the next
+        # wandb.init in this process (Lightning's WandbLogger reuses `wandb.run`).
+        failed = True
+        try:
+            super()._run_subcommand(subcommand)
+            failed = False
+        finally:
+            for logger in self.trainer.loggers:
+                if hasattr(logger, "finish"):
+                    logger.finish(exit_code=1 if failed else 0)
 
 
 def run_lightning(args: list[str] | None) -> None:
+    from lit_heads.callbacks.nan_guard import DefaultNanGuard
+    from lit_heads.checkpoint_io import CheckpointSafety
+
     LitHeadsCLI(
         SFTModule,
         SFTDataModule,
         save_config_callback=SaveConfigToLoggers,
         save_config_kwargs={"overwrite": True},
+        # Added to every run on top of the config's callbacks (LightningCLI appends trainer_defaults
+        # callbacks rather than replacing them, so a config with its own callbacks or plugins keeps
+        # them): atomic checkpoint files, clear resume errors and exact mid-epoch resume
+        # (CheckpointSafety), and a stop naming the step on a NaN/inf loss (DefaultNanGuard; a
+        # NanGuard in the config, e.g. with skip: true, replaces it).
+        trainer_defaults={"callbacks": [CheckpointSafety(), DefaultNanGuard()]},
         parser_kwargs={"description": DESCRIPTION},
         args=args,
     )
@@ -91,9 +136,24 @@ def main(args: list[str] | None = None) -> None:
             extra[argv[0]](argv[1:])
         else:
             run_lightning(args)
-    except LitHeadsError as err:
-        print(f"lit_heads: error: {err}", file=sys.stderr)
+    except Exception as err:
+        cause = _lit_heads_cause(err)
+        if cause is None:
+            raise
+        print(f"lit_heads: error: {cause}", file=sys.stderr)
         sys.exit(2)
+
+
+def _lit_heads_cause(err: BaseException) -> LitHeadsError | None:
+    """Our own error, even when it arrives wrapped: jsonargparse re-raises an exception from a
+    callback's or logger's __init__ as "Does not validate against any of the Union subtypes"."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, LitHeadsError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 if __name__ == "__main__":

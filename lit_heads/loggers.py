@@ -61,6 +61,9 @@ class WandbLogger(_LightningWandbLogger):
         reason = "set in the config"
         if offline is None:
             offline, reason = wandb_should_be_offline()
+        # Absolute: W&B's service process resolves a relative folder against its own working
+        # directory, which is the one of the first run in this Python process.
+        save_dir = os.path.abspath(save_dir)
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         super().__init__(name=name, save_dir=save_dir, project=project, offline=offline, group=group, **kwargs)
         self.metrics_file = Path(save_dir) / "metrics.jsonl"
@@ -95,10 +98,11 @@ class WandbLogger(_LightningWandbLogger):
         self._guard(super().finalize, status)
 
     @rank_zero_only
-    def finish(self) -> None:
-        """Close the W&B run so its offline folder is complete (the CLI calls this after each command)."""
+    def finish(self, exit_code: int = 0) -> None:
+        """Close the W&B run so its offline folder is complete (the CLI calls this after each
+        command, with exit_code 1 when it failed)."""
         if self._experiment is not None:
-            self._guard(self._experiment.finish)
+            self._guard(self._experiment.finish, exit_code=exit_code)
             self._experiment = None
 
     def _guard(self, fn, *args, **kwargs) -> None:

@@ -121,15 +121,20 @@ def _load_checkpoint_weights(model, path: Path):
                 "state, so it is unknown which heads its deltas belong to. Use a checkpoint written by "
                 "`lit_heads fit` with the HeadRestrictedFinetuning callback, or its HF export."
             )
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    def does_not_fit(detail: str) -> ModelError:
+        return ModelError(f"Checkpoint {path} does not fit model {checkpoint_base_model(path)}: {detail}. "
+                          "Was it trained from another model?")
+
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as err:  # shape mismatches raise even with strict=False
+        first = str(err).strip().splitlines()[1:2] or [str(err)]
+        raise does_not_fit(first[0].strip()) from err
     if restriction is not None:
         restriction.merge()
     if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
-        raise ModelError(
-            f"Checkpoint {path} does not fit model {checkpoint_base_model(path)}: "
-            f"{len(unexpected)} unexpected and {len(missing)} missing tensors (e.g. {(unexpected or missing)[:3]}). "
-            f"Was it trained from another model?"
-        )
+        raise does_not_fit(f"{len(unexpected)} unexpected and {len(missing)} missing tensors "
+                           f"(e.g. {(unexpected or missing)[:3]})")
     return model
 
 

@@ -67,11 +67,15 @@ class SFTModule(L.LightningModule):
 
     # ---- training -------------------------------------------------------------------------
     def on_fit_start(self):
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
+        params = dict(self.named_parameters())
+        trainable = sum(p.numel() for p in params.values() if p.requires_grad)
+        frozen = sum(p.numel() for p in params.values() if not p.requires_grad)
+        # The model's own size: a head-restricted fit adds trainable delta tensors beside the
+        # frozen weights (under `parametrizations.<name>.<i>`), which are not part of it.
+        total = sum(p.numel() for n, p in params.items() if ".parametrizations." not in n or n.endswith(".original"))
         rank_zero_info(
-            f"lit_heads: trainable parameters {trainable:,} ({100 * trainable / max(total, 1):.2f}%), "
-            f"frozen {total - trainable:,}, total {total:,}"
+            f"lit_heads: trainable parameters {trainable:,} ({100 * trainable / max(total, 1):.2f}% of the "
+            f"model's {total:,}), frozen {frozen:,}"
         )
 
     def on_train_batch_start(self, batch, batch_idx):

@@ -7,12 +7,12 @@ import random
 from itertools import chain, zip_longest
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader
 
 from lit_heads.data.collate import PromptEncoder, SFTCollator, pad_token_id
 from lit_heads.data.readers import load_examples
 from lit_heads.data.records import Example, check_format_name
+from lit_heads.data.resumable_sampler import ResumableDataLoader, ResumableRandomSampler
 from lit_heads.data.tasks import generate_task, get_task
 from lit_heads.errors import ConfigError, DataError
 
@@ -198,12 +198,13 @@ class SFTDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ loaders
 
     def _loader(self, data: list[dict], shuffle: bool) -> DataLoader:
-        return DataLoader(
+        # Resumable: the shuffle order is a function of (seed, epoch) and the loader's position goes
+        # into every checkpoint, so a run resumed mid-epoch trains on the same batches as an
+        # uninterrupted one (lit_heads/data/resumable_sampler.py).
+        return ResumableDataLoader(
             data,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            # A fresh generator per call: every fit with the same seed sees the same order.
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            sampler=ResumableRandomSampler(data, self.seed) if shuffle else None,
             collate_fn=SFTCollator(pad_token_id(self.tokenizer)),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -129,6 +129,14 @@ def record_to_example(record: Any, fmt: str = "auto", where: str = "a record") -
     Besides its format's keys a record may carry 'answer' and 'task' (so generated tasks written to a
     file keep their checker when read back).
     """
+    example = _record_to_example(record, fmt, where)
+    if not example.response.strip():
+        # An empty response has no token to learn from: the loss would be 0/0 for this example.
+        raise DataError(f"{where}: the response is empty, so there is nothing to train on. Fill it in or drop the record.")
+    return example
+
+
+def _record_to_example(record: Any, fmt: str, where: str) -> Example:
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object (a dict of fields), got {type(record).__name__} ({_short(record)}).")
     if fmt == "auto":
