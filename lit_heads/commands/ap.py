@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from lit_heads.atomic import atomic_write_text
+from lit_heads.atomic import atomic_write_text, writable_dir
 from lit_heads.errors import ConfigError
 
 PRECISIONS = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16, "bf16-true": torch.bfloat16}
@@ -25,7 +25,7 @@ def ap(
     output: str = "out/ap",
     n_samples: int = 64,
     batch_size: int = 8,
-    max_length: int = 256,
+    max_length: int = 512,
     format: str = "auto",
     precision: str = "32-true",
     device: str = "auto",
@@ -58,7 +58,7 @@ def ap(
         raise ConfigError(f"--precision {precision!r} is not supported; use one of {sorted(PRECISIONS)}.")
     if n_samples < 1 or batch_size < 1:
         raise ConfigError(f"--n_samples and --batch_size must be >= 1, got {n_samples} and {batch_size}.")
-    out = _writable_dir(output)
+    out = writable_dir(output)
     run_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
 
     started = time.perf_counter()
@@ -96,18 +96,6 @@ def ap(
         f"  wrote {out}/pattern.safetensors, pattern.npy, heatmap.png, summary.json"
     )
     return summary
-
-
-def _writable_dir(path: str) -> Path:
-    out = Path(path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(f"Output folder {out} is not writable ({err.strerror}). Choose another --output.") from err
-    return out
 
 
 def main(argv: list[str]) -> None:

@@ -81,8 +81,8 @@ def compose(
         output: folder for compose.json, residual_<method>.npy and residual_<method>.png.
     """
     from lit_heads.analysis.compose import fit_composition
-    from lit_heads.commands.ap import _writable_dir
-    from lit_heads.heads.pattern import atomic_write, heatmap
+    from lit_heads.atomic import atomic_write_text, writable_dir
+    from lit_heads.heads.pattern import heatmap
 
     if method not in METHOD_CHOICES:
         raise ConfigError(f"--method {method!r}; use one of {', '.join(METHOD_CHOICES)}.")
@@ -94,7 +94,7 @@ def compose(
         raise ConfigError(f"--bases_before names {sorted(before_paths)} but --bases names {sorted(base_paths)}; give a before pattern for each base.")
     if bool(before_paths) != (target_before is not None):
         raise ConfigError("Give --target_before and --bases_before together (before/after pairs for every pattern), or neither (patterns are already changes).")
-    out = _writable_dir(output)
+    out = writable_dir(output)
 
     loaded = {"target": load_pattern(target), **{f"base {n}": load_pattern(p) for n, p in base_paths.items()}}
     if target_before is not None:
@@ -118,10 +118,10 @@ def compose(
         np.save(out / f"residual_{m}.npy", fit.residual)
         heatmap(fit.residual, out / f"residual_{m}.png", title=f"residual of the {m} fit (R² {fit.r2:.3f})", cmap="coolwarm")
         result["fits"][m] = {"alpha": fit.alpha, "r2": fit.r2, "intercept": fit.intercept}
-        terms = " + ".join(f"{a:.4f}·{n}" for n, a in fit.alpha.items())
-        print(f"{m:>5}: target ≈ {terms}{f' + {fit.intercept:.4g}' if intercept else ''}   R² = {fit.r2:.4f}")
-    text = json.dumps(result, indent=2)
-    atomic_write(out / "compose.json", lambda f: f.write(text.encode()))
+        terms = " ".join(f"{'-' if a < 0 else '+'} {abs(a):.4f}·{n}" for n, a in fit.alpha.items()).lstrip("+ ")
+        offset = f" {'-' if fit.intercept < 0 else '+'} {abs(fit.intercept):.4g}" if intercept else ""
+        print(f"{m:>5}: target ≈ {terms}{offset}   R² = {fit.r2:.4f}")
+    atomic_write_text(out / "compose.json", json.dumps(result, indent=2))
     print(f"wrote {out}/compose.json and residual_<method>.npy/.png")
     return result
 
