@@ -10,8 +10,8 @@ Add to a fit config (see configs/head_restricted.yaml):
 What happens, and when (Lightning 2.6 order of a fit):
 
 1. ``setup`` (after the DataModule's setup, before the checkpoint is restored and before
-   ``configure_optimizers``): the heads are selected — by default ranked by the activation pattern
-   (AP) of the base model on the first ``n_score_samples`` training examples, each DDP rank scoring
+   ``configure_optimizers``; for validate/test too, so their ``ckpt_path`` loads): the heads are
+   selected — by default ranked by the activation pattern (AP) of the base model on the first ``n_score_samples`` training examples, each DDP rank scoring
    its share and ``compute_ap`` all-reducing them — and ``HeadRestriction.apply()`` freezes the
    model and attaches zero-initialised per-head deltas (``lit_heads.heads.restrict``). The module's
    ``configure_optimizers`` hands the optimizer only parameters with ``requires_grad``, i.e. the
@@ -45,7 +45,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lit_heads.errors import ConfigError
 from lit_heads.heads.layout import find_heads
-from lit_heads.heads.pattern import Pattern, atomic_write, heatmap
+from lit_heads.atomic import atomic_write_text
+from lit_heads.heads.pattern import Pattern, heatmap
 from lit_heads.heads.restrict import KV_POLICIES, HeadRestriction
 from lit_heads.heads.selection import STRATEGIES, heads_to_mask, load_head_list, select_heads
 
@@ -156,7 +157,9 @@ class HeadRestrictedFinetuning(L.Callback):
 
     # ---- selection and restriction -----------------------------------------------------------
     def setup(self, trainer, pl_module, stage):
-        if stage != "fit" or (self.restriction is not None and self.restriction.applied):
+        # validate/test too: a checkpoint of a restricted fit (`--ckpt_path`) holds deltas, and
+        # Lightning loads it after this hook, so the same restriction must be in place by then.
+        if stage not in ("fit", "validate", "test") or (self.restriction is not None and self.restriction.applied):
             return
         out_dir = Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "heads"  # collective
         model = pl_module.model
@@ -219,7 +222,7 @@ class HeadRestrictedFinetuning(L.Callback):
         if self.ranking_scores is not None:
             record["ranking_scores"] = self.ranking_scores.tolist()
         path = out_dir / "selection.json"
-        atomic_write(path, lambda f: f.write((json.dumps(record, indent=1) + "\n").encode()))
+        atomic_write_text(path, json.dumps(record, indent=1) + "\n")
         mask = heads_to_mask(self.selected, n_layers, n_heads).float()
         image = heatmap(mask, out_dir / "selection_mask.png",
                         title=f"trained heads: {self.strategy}, {len(self.selected)} of {n_layers * n_heads}")

@@ -1,0 +1,91 @@
+"""`lit_heads compare` on a tiny Llama: two arms run, the report's numbers are read back and checked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from transformers import AutoModelForCausalLM
+
+from lit_heads.cli import main
+from lit_heads.commands.compare import Arm, parse_arm
+from lit_heads.errors import ConfigError
+from lit_heads.heads.restrict import HeadRestriction
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = """
+model: {num_generate: 4, max_new_tokens: 4}
+data: {train_size: 16, val_size: 4, max_length: 128, batch_size: 4}
+trainer: {max_steps: 4, val_check_interval: 2}
+"""
+
+
+@pytest.mark.parametrize("spec, arm", [
+    ("full", Arm("full")),
+    ("top:0.1", Arm("top:0.1", "top", fraction=0.1)),
+    ("bottom:10%", Arm("bottom:10%", "bottom", fraction=0.1)),
+    ("random:8", Arm("random:8", "random", top_k=8)),
+    ("list:heads.npy", Arm("list:heads.npy", "list", heads="heads.npy")),
+])
+def test_parse_arm(spec, arm):
+    assert parse_arm(spec) == arm
+
+
+@pytest.mark.parametrize("spec", ["best:0.1", "top", "top:", "top:many", "full:1"])
+def test_bad_arm_is_a_config_error(spec):
+    with pytest.raises(ConfigError, match="arm"):
+        parse_arm(spec)
+
+
+def test_bad_arm_size_exits_2_before_any_fit(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", "--config", str(ROOT / "configs" / "compare.yaml"), "--arms", "full", "top:1.5", "--output", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "fraction=1.5 is out of range" in capsys.readouterr().err
+    assert not (tmp_path / "full").exists()
+
+
+def test_fit_flags_that_compare_owns_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", "--config", str(ROOT / "configs" / "compare.yaml"), "--arms", "full", "--output", str(tmp_path),
+              "--trainer.logger.init_args.name", "x"])
+    assert exit_info.value.code == 2 and "--trainer.logger.init_args.name" in capsys.readouterr().err
+
+
+def test_compare_two_arms_writes_a_report_with_checked_numbers(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    out = tmp_path / "cmp"
+    main(["compare", "--config", str(ROOT / "configs" / "compare.yaml"), "--config", "tiny.yaml",
+          "--arms", "full", "top:0.25", "--output", str(out), "--name", "test-group", "--n_score_samples", "8",
+          "--model.model", str(tiny_llama_dir)])
+
+    report = (out / "report.md").read_text()
+    assert "| full |" in report and "| top:0.25 |" in report
+    assert (out / "losses.png").stat().st_size > 0 and (out / "ap_change.png").stat().st_size > 0
+    full, top = json.loads((out / "results.json").read_text())
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    total = sum(p.numel() for p in base.parameters())
+    heads = [tuple(h) for h in json.loads((out / "top-0.25" / "heads" / "selection.json").read_text())["heads"]]
+    assert len(heads) == 2  # 25% of 2 layers x 4 heads
+    assert full["trainable"] == full["total"] == total
+    assert top["trainable"] == HeadRestriction(base, heads).apply().count_trainable() < full["trainable"]
+    assert top["total"] == total
+    for arm in (full, top):
+        assert arm["optimizer_state"] == 2 * arm["trainable"]  # AdamW: exp_avg + exp_avg_sq
+        summary = json.loads((out / Path(arm["directory"]).name / "fit_summary.json").read_text())
+        assert arm["val_loss"] == summary["after"]["val_loss"] and arm["steps"] == 4
+        assert arm["ap_change"]["mse_vs_start"] > 0 and arm["step_time_s"] > 0 and arm["peak_rss_mb"] > 100
+        assert [s for s, _ in arm["val_curve"]] == [2, 4]
+        # The table shows the numbers read back from the run folders.
+        assert f"| {arm['name']} |" in report and f"{arm['trainable']:,}" in report and f"{arm['val_loss']:.4f}" in report
+
+    # Same shared config in every arm, per-arm folders and one W&B group.
+    for slug, name in (("full", "full"), ("top-0.25", "top:0.25")):
+        overrides = yaml.safe_load((out / slug / "arm.yaml").read_text())["trainer"]
+        assert overrides["logger"]["init_args"] == {**overrides["logger"]["init_args"], "group": "test-group", "name": name, "save_dir": str(out / slug)}
+        assert (out / slug / "heads" / "ap_history.safetensors").is_file()
+    assert not (out / "full" / "heads" / "selection.json").exists()
