@@ -206,7 +206,6 @@ class Task:
     kind: str  # basic | complex
     train: list[Example]
     heldout: list[Example]
-    checkable: bool = True
 
 
 # ------------------------------------------------------------------------------------------------ budget
@@ -285,21 +284,22 @@ def real_tasks(cfg: StudyConfig, encoder) -> dict[str, Task]:
             raise DataError(f"{what}: only {len(kept)} samples fit real_max_length={cfg.real_max_length}, {n} needed; raise real_max_length.")
         return kept[:n]
 
+    # The composite reads the first rows of each GSM8K file (about 90% rewrite into programs) and the
+    # math task the rows after them, so the two never share a question.
+    py_rows_train, py_rows_test = 3 * need_train, 3 * need_heldout
+    py_train, _ = load_gsm8k_python(root / "gsm8k" / "train.jsonl", limit=py_rows_train)
+    py_test, _ = load_gsm8k_python(root / "gsm8k" / "test.jsonl", limit=py_rows_test)
     rng = random.Random(cfg.seed)
-    gsm_train = load_examples(root / "gsm8k" / "train.jsonl")
-    gsm_test = load_examples(root / "gsm8k" / "test.jsonl")
+    gsm_train = load_examples(root / "gsm8k" / "train.jsonl")[py_rows_train:]
+    gsm_test = load_examples(root / "gsm8k" / "test.jsonl")[py_rows_test:]
     rng.shuffle(gsm_train)
-    # The composite reads other GSM8K rows than the math task does, so no prompt is shared between them.
-    py_train, _ = load_gsm8k_python(root / "gsm8k" / "train.jsonl", limit=3 * need_train + 2000)
-    py_train = py_train[-3 * need_train:]
-    py_test, _ = load_gsm8k_python(root / "gsm8k" / "test.jsonl", limit=3 * need_heldout + 20)
     humaneval = load_humaneval(root / "humaneval" / "HumanEval.jsonl")
     rng.shuffle(humaneval)
     half = len(humaneval) // 2
     return {
         "gsm8k": Task("gsm8k", "basic", take(gsm_train, need_train, "gsm8k train"), take(gsm_test, need_heldout, "gsm8k test")),
-        "humaneval": Task("humaneval", "basic", take(humaneval[half:], min(need_train, len(humaneval) - half - 8), "humaneval train"),
-                          take(humaneval[:half], need_heldout, "humaneval held-out"), checkable=False),
+        "humaneval": Task("humaneval", "basic", take(humaneval[half:], need_train, "humaneval train"),
+                          take(humaneval[:half], need_heldout, "humaneval held-out")),
         "gsm8k_python": Task("gsm8k_python", "complex", take(py_train, need_train, "GSM8K-as-Python train"),
                              take(py_test, need_heldout, "GSM8K-as-Python test")),
     }
@@ -313,6 +313,7 @@ class StudyRunner:
 
     def __init__(self, cfg: StudyConfig):
         from lit_heads.data import SFTDataModule
+        from lit_heads.heads import find_heads
         from lit_heads.module import SFTModule
 
         self.cfg = cfg
@@ -321,8 +322,6 @@ class StudyRunner:
         self.base_state = {k: v.detach().to("cpu", copy=True) for k, v in self.module.model.state_dict().items()}
         self.data = SFTDataModule(tokenizer=self.module.tokenizer, max_length=cfg.max_length, batch_size=cfg.batch_size, seed=cfg.seed)
         self.ap_data = SFTDataModule(tokenizer=self.module.tokenizer, max_length=cfg.max_length, batch_size=cfg.ap_batch_size)
-        from lit_heads.heads import find_heads
-
         layout = find_heads(self.module.model)
         self.n_layers, self.n_heads = layout.n_layers, layout.n_heads
 
@@ -623,6 +622,11 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
           + f"; estimated {budget['eta_s'] / 60:.1f} min on this machine's assumed speed ({cfg.sec_per_step} s/step)", flush=True)
     clock = Clock(budget["eta_s"])
 
+    def done(stage: str) -> None:
+        clock.lap(stage)
+        # Partial results after every stage: a long run that dies late keeps what it measured.
+        _write_json(out / "results.json", {**results, "seconds": {"total": clock.total, "stages": clock.stages}, "complete": False})
+
     runner = StudyRunner(cfg)
     tasks = generated_tasks(cfg)
     complex_task = tasks[cfg.complex_task]
@@ -631,30 +635,30 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
 
     runner.reset()
     base_accuracy = runner.accuracy(complex_task.heldout[: cfg.eval_samples])
-    clock.lap("base accuracy")
+    done("base accuracy")
 
     f1 = finding1(runner, tasks, cfg.sft_steps, cfg.ap_samples, track=complex_task, patterns_dir=out / "patterns")
     raw = f1.pop("_raw")
     results["finding1"] = f1
-    clock.lap("finding 1 (patterns before/after SFT)")
+    done("finding 1 (patterns before/after SFT)")
 
     f2 = composition(raw["delta"][cfg.complex_task], raw["delta"], cfg.components, cfg.controls)
     results["finding2"] = {k: v for k, v in f2.items() if k != "residual"}
     np.save(out / "patterns" / "residual.npy", np.asarray(f2["residual"]))
-    clock.lap("finding 2 (composition)")
+    done("finding 2 (composition)")
 
     f3: dict[str, Any] = {"over_steps": change_over_steps(raw["tracked"]) if raw["tracked"] is not None else None,
                           "full_sft_accuracy": f1.pop("full_sft_accuracy"), "base_accuracy": base_accuracy}
     f3["restricted"] = finding3_restricted(runner, complex_task, raw["delta"][cfg.complex_task], raw["before"][cfg.complex_task])
     results["finding3"] = f3
-    clock.lap("finding 3 (change over steps, head-restricted SFT)")
+    done("finding 3 (change over steps, head-restricted SFT)")
 
     fit_for_mix = f2.get("all_basic", f2["main"])[cfg.mix_method]
     app = application(runner, tasks, fit_for_mix["alpha"], out / "mix")
     app["accuracy"] = {"base": mean_std([base_accuracy]), **app["accuracy"]}
     app["alpha_fit"] = {"method": cfg.mix_method, "bases": list(fit_for_mix["alpha"]), "r2": fit_for_mix["r2"]}
     results["application"] = app
-    clock.lap("application (AP-guided mixing)")
+    done("application (AP-guided mixing)")
 
     raw_real = None
     if real:
@@ -672,20 +676,21 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
         np.save(out / "patterns" / "residual_real.npy", np.asarray(rf2["residual"]))
         results["real"] = {"finding1": rf1, "finding2": {k: v for k, v in rf2.items() if k != "residual"},
                            "sizes": {n: {"train": len(t.train), "heldout": len(t.heldout)} for n, t in rtasks.items()}}
-        clock.lap("real tasks (findings 1-2)")
+        done("real tasks (findings 1-2)")
 
     results["seconds"] = {"total": clock.total, "stages": clock.stages}
-    write_report(out, results, raw, np.asarray(f2["residual"]), raw_real)
+    results["complete"] = True
+    # Numbers first: a failure while drawing must not lose an hour of results.
     _write_json(out / "results.json", results)
+    write_report(out, results, raw, np.asarray(f2["residual"]), raw_real)
     print(f"[study] done in {clock.total / 60:.1f} min; wrote {out}/report.md, results.json, figures/", flush=True)
     return results
 
 
 def _write_json(path: Path, data: dict) -> None:
-    from lit_heads.heads.pattern import atomic_write
+    from lit_heads.atomic import atomic_write_text
 
-    text = json.dumps(data, indent=2, default=_json_default, allow_nan=True)
-    atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write_text(path, json.dumps(data, indent=2, default=_json_default, allow_nan=True))
 
 
 def _json_default(value):

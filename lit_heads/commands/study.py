@@ -12,13 +12,18 @@ from __future__ import annotations
 
 from dataclasses import fields
 
+DESCRIPTION = (
+    "Reproduce arXiv 2409.15820 end to end: task-specific heads, composition of patterns, pattern change "
+    "over steps and head-restricted SFT, AP-guided data mixing; writes report.md, results.json and figures."
+)
+
 
 def main(argv: list[str]) -> dict:
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     from lit_heads.analysis.study import StudyConfig, run_study
 
-    parser = ArgumentParser(prog="lit_heads study", description=__doc__.split("\n\n")[0].strip("` \n"))
+    parser = ArgumentParser(prog="lit_heads study", description=DESCRIPTION)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with StudyConfig fields (configs/study.yaml).")
     parser.add_class_arguments(StudyConfig, as_group=False)
     parsed = parser.parse_args(argv)
