@@ -38,7 +38,10 @@ def _eager_retain_gamma(module, query, key, value, attention_mask, scaling=None,
     if attention_mask is None:
         raise RuntimeError("reference attention got no mask: the model would run non-causal")
     logits = torch.matmul(query, key.transpose(2, 3)) * scaling + attention_mask[..., : key.shape[-2]]
-    gamma = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+    # float32 softmax as transformers' eager attention does (float64 for a float64 model, so a
+    # float64 reference is float64 throughout).
+    softmax_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    gamma = torch.softmax(logits, dim=-1, dtype=softmax_dtype).to(query.dtype)
     if gamma.requires_grad:
         gamma.retain_grad()
         _GAMMAS.append(gamma)
@@ -82,7 +85,7 @@ def reference_scores(model, samples: list[dict], pad_id: int, pad_to: int = PAD_
         loss.backward()
         if len(_GAMMAS) != model.config.num_hidden_layers:
             raise RuntimeError(f"captured {len(_GAMMAS)} attention matrices, expected one per layer")
-        out.append(torch.stack([(g * g.grad)[0].sum(dim=(-1, -2)).double() for g in _GAMMAS]))
+        out.append(torch.stack([(g.detach() * g.grad)[0].sum(dim=(-1, -2)).double() for g in _GAMMAS]))
         _GAMMAS.clear()
         model.zero_grad(set_to_none=True)
         del loss
