@@ -57,3 +57,35 @@ def test_quickstart_fit_on_the_bundled_model(tmp_path):
     assert (wandb_run / "files" / "lit_heads_config.yaml").is_file()
     history = PatternHistory.load(run / "heads" / "ap_history.safetensors")
     assert history.steps == [0, 4] and history.scores[0].shape == (30, 9)
+
+
+def test_ap_command_on_real_gsm8k_matches_the_paper_reference(tmp_path):
+    """`lit_heads ap` on the bundled model and 3 GSM8K questions equals the paper's literal procedure
+    (scripts/reference_ap.py: eager attention, retained Γ, Σ Γ·∂L/∂Γ, batch 1), shorter padding."""
+    gsm8k = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+    if not gsm8k.is_file():
+        pytest.skip(f"{gsm8k} not found")
+    result = subprocess.run(
+        [sys.executable, "-m", "lit_heads.cli", "ap", "--model", "smollm2-135m", "--data", str(gsm8k),
+         "--n_samples", "3", "--batch_size", "3", "--output", "out/ap"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    from lit_heads.heads.pattern import Pattern
+
+    pattern = Pattern.load(tmp_path / "out" / "ap" / "pattern.safetensors")
+    assert pattern.shape == (30, 9) and pattern.meta["n_samples"] == 3
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from reference_ap import load_reference_model, reference_ap
+
+    from lit_heads.data import SFTDataModule, load_source
+    from lit_heads.data.collate import pad_token_id
+
+    dm = SFTDataModule(tokenizer="smollm2-135m", max_length=512)
+    samples, truncated = dm.encoder.encode_all(load_source(str(gsm8k), size=3, seed=0)[:3], "gsm8k")
+    assert truncated == 0
+    pad_to = max(len(s["input_ids"]) for s in samples) + 8  # padded, as the release does, but not to 1,024
+    expected = reference_ap(load_reference_model("smollm2-135m"), samples, pad_token_id(dm.tokenizer), pad_to=pad_to)
+    rel = ((pattern.scores.double() - expected.double()).abs() / expected.double().abs()).max()
+    assert rel <= 1e-4, float(rel)
