@@ -18,8 +18,8 @@ Sections (each function's docstring says exactly what it measures):
               ratio <= 0.05), step time (target ratio <= 0.7), peak RSS.
 
 Sections that need memory figures run each side in a fresh child process of this script
-(`--_worker NAME`) and read the child's own peak resident set size (getrusage ru_maxrss, a per-process
-high-water mark of all memory, torch allocations included), alternating the children A B A B.
+(`--_worker NAME`) and read the child's own peak resident set size (VmHWM, the high-water mark of
+its own address space, torch allocations included), alternating the children A B A B.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -67,7 +66,9 @@ def loadavg() -> list[float]:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    from lit_heads.commands.compare import peak_rss_mb as own_peak  # VmHWM: not inherited from this parent
+
+    return own_peak()
 
 
 def current_rss_mb() -> float:
@@ -248,7 +249,7 @@ def ap(args) -> dict:
     median over rounds of ref seconds / lit_heads seconds on the same chunk.
     Agreement: AP over all scored samples (equal chunks: mean of the chunk APs), both float32
     models, max over the 270 heads of |fast - ref| / ref.
-    Memory: each child's peak RSS (getrusage ru_maxrss), and the peak minus the RSS after model load.
+    Memory: each child's own peak RSS (VmHWM), and the peak minus the RSS after model load.
     """
     got = _gsm8k_samples(args.model, args.ap_rounds * args.ap_chunk, 1024)
     if got is None:
@@ -400,7 +401,7 @@ def restricted(args) -> dict:
     loss, backward, AdamW(lr=1e-5, wd=0.01) step, zero_grad), fp32; full SFT trains every parameter,
     the restricted child `restriction.trainable_parameters()` only. Reported: optimizer-state bytes
     (sum of nbytes of every tensor in optimizer.state after the last step), median step time over
-    the timed steps, each child's peak RSS (ru_maxrss). Children alternate full, restricted, ...
+    the timed steps, each child's own peak RSS (VmHWM). Children alternate full, restricted, ...
     """
     from lit_heads.heads.scoring import compute_ap
     from lit_heads.heads.selection import select_heads

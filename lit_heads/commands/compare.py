@@ -90,11 +90,24 @@ def parse_arm(spec: str) -> Arm:
         raise ConfigError(f"Cannot read the size {size!r} of arm {spec!r}. {usage}") from None
 
 
+def peak_rss_mb() -> float:
+    """This process's own peak resident memory, MiB. Not ru_maxrss alone: Linux carries it over from
+    the parent through fork and exec, so a fit started by a process that once held more memory would
+    report the parent's peak. VmHWM is the high-water mark of this process's own address space."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # other systems (Linux units: KiB)
+
+
 class ArmStats(L.Callback):
     """Measurements for the compare report, written to `path` (JSON) at the end of fit by rank 0:
     per-step wall times (batch start to batch end: forward, backward, optimizer step), the training
     loss (rank 0's batches) and validation loss against the number of optimizer steps done, exact
-    trained and optimizer-state sizes, and peak memory (process RSS; CUDA peak on a GPU).
+    trained and optimizer-state sizes, and peak memory (`peak_rss_mb`; CUDA peak on a GPU).
 
     The losses are recorded here rather than read from metrics.jsonl because Lightning logs them at
     step `global_step - 1`, which would put the last validation one step early on the plot."""
@@ -150,7 +163,7 @@ class ArmStats(L.Callback):
             "step_times_s": self.step_times,
             "train_curve": self.train_curve,
             "val_curve": self.val_curve,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux reports KiB
+            "peak_rss_mb": peak_rss_mb(),
             "peak_cuda_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         }
         atomic_write_text(self.path, json.dumps(stats, indent=1))
