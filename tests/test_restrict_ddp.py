@@ -37,8 +37,13 @@ def _worker(rank, port, out_dir):
             opt.zero_grad()
         r.merge()
         torch.save({n: p.detach() for n, p in model.named_parameters()}, os.path.join(out_dir, f"{rank}.pt"))
-    finally:
+        dist.barrier()
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # Exit without running destructors: freeing the DDP Reducer can deadlock with gloo's worker
+    # thread over the GIL (seen once in CI: both ranks hung in ~ProcessGroupGloo after the test's work).
+    os._exit(0)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
