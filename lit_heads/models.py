@@ -112,7 +112,7 @@ def _load_checkpoint_weights(model, path: Path):
     if any(".parametrizations." in k for k in weights):
         # A head-restricted fit saves frozen base weights plus per-head deltas under parametrized
         # names: rebuild the same restriction from the callback's saved state, load, then merge.
-        from lit_heads.callbacks.head_restricted import restriction_from_checkpoint
+        from lit_heads.heads.restrict import restriction_from_checkpoint
 
         restriction = restriction_from_checkpoint(model, checkpoint)
         if restriction is None:

@@ -114,7 +114,7 @@ CASES = {
         ["fraction=1.5", "greater than 0 and at most 1"]),
     "unknown-selection-strategy": (
         lambda ws, m: fit_args(ws, m, callback(HR, strategy="best")),
-        ["unknown strategy 'best'", "top, bottom, random, list"]),
+        ["Unknown head-selection strategy 'best'", "top, bottom, random, list"]),
     "head-list-and-top_k-together": (
         lambda ws, m: fit_args(ws, m, callback(HR, strategy="list", heads="heads.json", top_k=2)),
         ["strategy 'list'", "top_k=2", "Remove top_k"]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,7 +68,7 @@ def tiny_gpt2_dir(tmp_path_factory, bundled_tokenizer):
     return path
 
 
-def fit(model_dir, root, callback, *, max_steps=4, ckpt_path=None, extra=(), data=DATA):
+def fit(model_dir, root, callback, *, max_steps=4, ckpt_path=None, extra=(), data=DATA, logger=False):
     L.seed_everything(0)
     module = SFTModule(
         model=str(model_dir), num_generate=0, scheduler=None,
@@ -76,7 +77,7 @@ def fit(model_dir, root, callback, *, max_steps=4, ckpt_path=None, extra=(), dat
     data = NoShuffle(tokenizer=str(model_dir), **data)
     inspect = Inspect()
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_progress_bar=False,
+        accelerator="cpu", devices=1, max_steps=max_steps, logger=logger, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=0, default_root_dir=str(root),
         callbacks=[callback, inspect, *extra], enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in extra),
     )
@@ -211,13 +212,13 @@ def test_selection_from_a_pattern_file(tiny_llama_dir, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, needle", [
-    ({"strategy": "best"}, "unknown strategy 'best'"),
+    ({"strategy": "best"}, "Unknown head-selection strategy 'best'"),
     ({"fraction": 1.5}, "fraction=1.5 is out of range"),
     ({"fraction": 0.0}, "out of range"),
-    ({"top_k": 0}, "top_k must be an integer >= 1"),
-    ({"top_k": 3, "fraction": 0.1}, "not both"),
+    ({"top_k": 0}, "top_k=0 is out of range"),
+    ({"top_k": 3, "fraction": 0.1}, "exactly one of top_k"),
     ({"strategy": "list", "heads": "h.json", "top_k": 2}, "strategy 'list' trains exactly"),
-    ({"strategy": "list"}, "needs `heads`"),
+    ({"strategy": "list"}, "needs a head list (`heads`)"),
     ({"strategy": "random", "scores": "p.safetensors"}, "does not use scores"),
     ({"scores": "missing.safetensors"}, "does not exist"),
     ({"kv": "all"}, "unknown kv policy"),
@@ -226,8 +227,62 @@ def test_bad_options_are_config_errors(kwargs, needle, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     save_head_list("h.json", [(0, 1)])
     Pattern(torch.ones(2, 4)).save("p.safetensors")
-    with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
         HeadRestrictedFinetuning(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"strategy": "best", "top_k": 1},
+    {"strategy": "random", "fraction": 0.0},
+    {"strategy": "random", "top_k": 2, "fraction": 0.5},
+    {"strategy": "random", "fraction": 1.5},
+    {"strategy": "list", "heads": "h.json", "top_k": 2},
+    {"strategy": "list"},
+])
+def test_callback_and_select_heads_share_one_check_of_the_options(kwargs, tmp_path, monkeypatch):
+    """The callback refuses the same options with the same words as `select_heads` (one check)."""
+    monkeypatch.chdir(tmp_path)
+    save_head_list("h.json", [(0, 1)])
+    with pytest.raises(ConfigError) as from_select:
+        listed = {"heads": [(0, 1)]} if "heads" in kwargs else {}
+        select_heads(kwargs["strategy"], 2, 4, **{k: v for k, v in kwargs.items() if k not in ("strategy", "heads")}, **listed)
+    with pytest.raises(ConfigError) as from_callback:
+        HeadRestrictedFinetuning(**kwargs)
+    assert str(from_callback.value) == f"HeadRestrictedFinetuning: {from_select.value}"
+
+
+def test_top_k_larger_than_the_head_count_fails_before_any_sample_is_scored(tiny_llama_dir, tmp_path, monkeypatch):
+    scored = []
+    monkeypatch.setattr("lit_heads.heads.scoring.compute_ap", lambda *a, **k: scored.append(1))
+    with pytest.raises(ConfigError, match=r"top_k=99 is out of range: the model has 2 layers x 4 heads = 8 heads"):
+        fit(tiny_llama_dir, tmp_path, HeadRestrictedFinetuning(strategy="top", top_k=99), max_steps=1)
+    assert scored == []
+
+
+def test_a_refused_resume_leaves_the_run_files_byte_identical(tiny_llama_dir, tmp_path, monkeypatch):
+    """Validate first, write after: resuming with other heads is refused before selection.json,
+    selection_mask.png or metrics.jsonl of the run are touched."""
+    from lit_heads.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    run = tmp_path / "run"
+    data = {**DATA, "train_size": 4}
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=run / "ckpt", save_last=True, save_top_k=0)
+    first = HeadRestrictedFinetuning(strategy="top", top_k=2, n_score_samples=4, dirpath=str(run / "heads"))
+    logger = WandbLogger(save_dir=str(run))
+    fit(tiny_llama_dir, run, first, max_steps=2, extra=[ckpt], data=data, logger=logger)
+    logger.finish()
+    files = [run / "heads" / "selection.json", run / "heads" / "selection_mask.png", run / "metrics.jsonl"]
+    before = {f: f.read_bytes() for f in files}
+    assert json.loads(before[files[0]])["heads"] == [list(h) for h in first.selected]
+    assert b"heads/n_selected" in before[files[2]]
+
+    other = HeadRestrictedFinetuning(strategy="random", top_k=2, seed=1, dirpath=str(run / "heads"))
+    with pytest.raises(ConfigError, match="different head selection"):
+        fit(tiny_llama_dir, run, other, max_steps=4, ckpt_path=str(run / "ckpt" / "last.ckpt"), data=data,
+            logger=WandbLogger(save_dir=str(run)))
+    assert other.selected != first.selected  # the refused run really chose other heads
+    assert {f: f.read_bytes() for f in files} == before
 
 
 TINY_CLI = """

@@ -17,14 +17,18 @@ What happens, and when (Lightning 2.6 order of a fit):
    ``configure_optimizers`` hands the optimizer only parameters with ``requires_grad``, i.e. the
    deltas: frozen tensors get neither gradients nor optimizer state, and AdamW's weight decay can
    only pull the *change* toward zero.
-2. The selection is logged: ``<dirpath>/selection.json`` (heads, options, exact counts, the AP used
+2. The selection is logged once the checkpoint (if any) has been checked against it, at fit (or
+   validate/test) start: ``<dirpath>/selection.json`` (heads, options, exact counts, the AP used
    to rank), ``<dirpath>/selection_mask.png`` (layer x head 0/1 heatmap), and the loggers' image
-   and table (W&B).
+   and table (W&B); a resumed run rewrites the files but does not log the selection again.
 3. Checkpoints hold the deltas (parametrized weight names) and this callback's state (heads and
    options). On resume (``ckpt_path``) Lightning calls ``setup`` *before* it loads the checkpoint,
    so the selection is recomputed there from the same config (deterministic: the base model, data
    and seed are the same) and the checkpoint is checked against it: a checkpoint made with other
-   heads or options is refused with a clear error instead of silently training other heads.
+   heads or options is refused with a clear error, before any file of the run is written, instead
+   of silently training other heads (``lit_heads fit`` compares the options even before the model
+   loads, see ``resume_differences``). A ``top_k`` larger than the model's head count is refused
+   before any sample is scored.
 4. ``on_fit_end`` (and ``merge_for_export``, which ``ExportHF`` calls first) folds the deltas into
    the weights: the model is a plain Hugging Face model again and exports in plain HF format.
    ``lit_heads.models.load_model("run.ckpt")`` merges a checkpoint's deltas the same way.
@@ -47,8 +51,8 @@ from lit_heads.errors import ConfigError
 from lit_heads.heads.layout import find_heads
 from lit_heads.atomic import atomic_write_text
 from lit_heads.heads.pattern import Pattern, heatmap
-from lit_heads.heads.restrict import KV_POLICIES, HeadRestriction
-from lit_heads.heads.selection import STRATEGIES, heads_to_mask, load_head_list, select_heads
+from lit_heads.heads.restrict import CHECKPOINT_STATE_KEY, KV_POLICIES, HeadRestriction
+from lit_heads.heads.selection import check_selection_options, heads_to_mask, load_head_list, select_heads
 
 DEFAULT_FRACTION = 0.1
 
@@ -91,50 +95,15 @@ class HeadRestrictedFinetuning(L.Callback):
             seed: seed of strategy 'random'.
             dirpath: where selection.json and selection_mask.png go; default `<log dir>/heads`.
         """
-        if strategy not in STRATEGIES:
-            raise ConfigError(
-                f"HeadRestrictedFinetuning: unknown strategy {strategy!r}. Use one of "
-                f"{', '.join(STRATEGIES)}: 'top'/'bottom' rank heads by activation pattern, 'random' "
-                "samples them with `seed`, 'list' trains the heads of a `heads` file."
-            )
         if kv not in KV_POLICIES:
             raise ConfigError(
                 f"HeadRestrictedFinetuning: unknown kv policy {kv!r}. Use 'group' (train the K/V rows "
                 "of each KV group that holds a selected head) or 'none' (keys and values stay frozen)."
             )
-        if strategy == "list":
-            if top_k is not None or fraction is not None:
-                raise ConfigError(
-                    f"HeadRestrictedFinetuning: strategy 'list' trains exactly the heads of its `heads` "
-                    f"file, but top_k={top_k!r} / fraction={fraction!r} was also set. Remove top_k and "
-                    "fraction, or use strategy top/bottom/random to choose a number of heads."
-                )
-            if heads is None:
-                raise ConfigError(
-                    "HeadRestrictedFinetuning: strategy 'list' needs `heads`, a head list file (.npy "
-                    "[K, 2] as LoFiT saves it, .json, .txt or .csv of layer,head pairs)."
-                )
-        else:
-            if heads is not None:
-                raise ConfigError(
-                    f"HeadRestrictedFinetuning: a `heads` file was given with strategy {strategy!r}, which "
-                    "chooses heads itself. Use strategy 'list' to train exactly the listed heads, or drop `heads`."
-                )
-            if top_k is not None and fraction is not None:
-                raise ConfigError(
-                    f"HeadRestrictedFinetuning: set top_k (a number of heads) or fraction (a share of all "
-                    f"heads), not both; got top_k={top_k!r} and fraction={fraction!r}."
-                )
-            if top_k is None and fraction is None:
-                fraction = DEFAULT_FRACTION
-            # Range checks that need no model; the upper bound of top_k is checked at setup.
-            if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-                raise ConfigError(f"HeadRestrictedFinetuning: top_k must be an integer >= 1, got {top_k!r}.")
-            if fraction is not None and not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
-                raise ConfigError(
-                    f"HeadRestrictedFinetuning: fraction={fraction!r} is out of range; it is the share of all "
-                    "heads to train and must be greater than 0 and at most 1 (e.g. 0.1)."
-                )
+        if strategy != "list" and heads is None and top_k is None and fraction is None:
+            fraction = DEFAULT_FRACTION
+        # The count's upper bound needs the model: it is checked again in setup, before any scoring.
+        top_k, fraction = _checked(check_selection_options, strategy, top_k=top_k, fraction=fraction, has_heads=heads is not None)
         if scores is not None and strategy not in ("top", "bottom"):
             raise ConfigError(
                 f"HeadRestrictedFinetuning: `scores` ranks heads for strategy top/bottom, but strategy is "
@@ -154,6 +123,9 @@ class HeadRestrictedFinetuning(L.Callback):
         self.selected: list[tuple[int, int]] = []
         self.ranking_scores: torch.Tensor | None = None
         self.summary: dict = {}
+        self._pending_log = False
+        self._restored = False
+        self._out_dir: Path | None = None
 
     # ---- selection and restriction -----------------------------------------------------------
     def setup(self, trainer, pl_module, stage):
@@ -161,9 +133,12 @@ class HeadRestrictedFinetuning(L.Callback):
         # Lightning loads it after this hook, so the same restriction must be in place by then.
         if stage not in ("fit", "validate", "test") or (self.restriction is not None and self.restriction.applied):
             return
-        out_dir = Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "heads"  # collective
+        self._out_dir = Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "heads"  # collective
         model = pl_module.model
         layout = find_heads(model)
+        # Before any sample is scored: a top_k larger than the model's head count fails here.
+        _checked(check_selection_options, self.strategy, top_k=self.top_k, fraction=self.fraction,
+                 has_heads=self._listed is not None, n_layers=layout.n_layers, n_heads=layout.n_heads)
         self.ranking_scores = self._ranking_scores(trainer, pl_module, layout)
         heads = select_heads(
             self.strategy, layout.n_layers, layout.n_heads, top_k=self.top_k, fraction=self.fraction,
@@ -183,8 +158,29 @@ class HeadRestrictedFinetuning(L.Callback):
             "trainable_fraction": described["fraction"],
         }
         rank_zero_info(format_selection(self.summary))
+        # Written once the checkpoint (if any) has been checked against this selection: a refused
+        # resume must leave the run's selection files and metrics as they were.
+        self._pending_log = True
+
+    # Lightning restores a checkpoint (and load_state_dict refuses other heads) after setup and
+    # before these hooks.
+    def on_fit_start(self, trainer, pl_module):
+        self._write_selection(trainer)
+
+    def on_validation_start(self, trainer, pl_module):
+        self._write_selection(trainer)
+
+    def on_test_start(self, trainer, pl_module):
+        self._write_selection(trainer)
+
+    def _write_selection(self, trainer) -> None:
+        if not self._pending_log:
+            return
+        self._pending_log = False
         if trainer.is_global_zero:
-            self._log_selection(trainer, out_dir, layout.n_layers, layout.n_heads)
+            layout = (self.summary["n_layers"], self.summary["n_heads"])
+            # A resumed run's loggers already hold the selection (step 0) from its first part.
+            self._log_selection(trainer, self._out_dir, *layout, to_loggers=not self._restored)
 
     def _ranking_scores(self, trainer, pl_module, layout) -> torch.Tensor | None:
         if self.strategy not in ("top", "bottom"):
@@ -217,7 +213,7 @@ class HeadRestrictedFinetuning(L.Callback):
             "train_norms": self.train_norms, "train_mlp": self.train_mlp, "seed": self.seed,
         }
 
-    def _log_selection(self, trainer, out_dir: Path, n_layers: int, n_heads: int) -> None:
+    def _log_selection(self, trainer, out_dir: Path, n_layers: int, n_heads: int, to_loggers: bool = True) -> None:
         record = dict(self.summary)
         if self.ranking_scores is not None:
             record["ranking_scores"] = self.ranking_scores.tolist()
@@ -227,7 +223,7 @@ class HeadRestrictedFinetuning(L.Callback):
         image = heatmap(mask, out_dir / "selection_mask.png",
                         title=f"trained heads: {self.strategy}, {len(self.selected)} of {n_layers * n_heads}")
         rows = [[l, h, float(self.ranking_scores[l, h]) if self.ranking_scores is not None else None] for l, h in self.selected]
-        for logger in trainer.loggers:
+        for logger in trainer.loggers if to_loggers else ():
             logger.log_metrics({"heads/trainable_params": float(self.summary["trainable"]),
                                 "heads/n_selected": float(len(self.selected))}, step=0)
             if hasattr(logger, "log_image"):
@@ -248,8 +244,18 @@ class HeadRestrictedFinetuning(L.Callback):
         self.merge_for_export(pl_module)
 
     # ---- checkpoint state ----------------------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        return CHECKPOINT_STATE_KEY  # where lit_heads.heads.restrict.restriction_from_checkpoint looks
+
     def state_dict(self) -> dict:
         return {**self._options(), "heads": [list(h) for h in self.selected]}
+
+    def resume_differences(self, saved: dict) -> list[str]:
+        """The options of this callback that differ from a checkpoint's saved state, as
+        'name: saved -> now' lines (the CLI checks them before the model loads)."""
+        mine = self._options()
+        return [f"head selection {k}: {saved.get(k)!r} in the checkpoint, {v!r} now" for k, v in mine.items() if k in saved and saved[k] != v]
 
     def load_state_dict(self, state_dict: dict) -> None:
         # Lightning loads this after setup() applied the restriction and after the model weights
@@ -263,17 +269,15 @@ class HeadRestrictedFinetuning(L.Callback):
                 "trained with (same strategy, size, scores, seed, kv, train_norms and train_mlp), or save its "
                 "heads with `lit_heads.heads.selection.save_head_list` and use strategy 'list'."
             )
+        self._restored = True
 
 
-def restriction_from_checkpoint(model, checkpoint: dict) -> HeadRestriction | None:
-    """An applied HeadRestriction on `model` matching a checkpoint written with this callback, so
-    its (parametrized) state dict loads; None when the checkpoint has no head-restriction state."""
-    states = checkpoint.get("callbacks") or {}
-    state = next((s for key, s in states.items() if str(key).startswith(HeadRestrictedFinetuning.__qualname__)), None)
-    if state is None:
-        return None
-    heads = [tuple(h) for h in state["heads"]]
-    return HeadRestriction(model, heads, kv=state["kv"], train_norms=state["train_norms"], train_mlp=state["train_mlp"]).apply()
+def _checked(check, *args, **kwargs):
+    """Run a check of lit_heads.heads.selection, naming this callback in its message."""
+    try:
+        return check(*args, **kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"HeadRestrictedFinetuning: {err}") from None
 
 
 def format_selection(s: dict) -> str:

@@ -358,3 +358,19 @@ def _unique(params) -> list[nn.Parameter]:
             seen.add(id(p))
             out.append(p)
     return out
+
+
+# The key under which the `HeadRestrictedFinetuning` callback keeps its state (heads and options) in
+# a Lightning checkpoint's "callbacks" section; the callback uses it as its `state_key`.
+CHECKPOINT_STATE_KEY = "HeadRestrictedFinetuning"
+
+
+def restriction_from_checkpoint(model: nn.Module, checkpoint: dict) -> HeadRestriction | None:
+    """An applied HeadRestriction on ``model`` matching a checkpoint written with head-restricted
+    SFT, so its (parametrized) state dict loads; None when the checkpoint has no such state."""
+    states = checkpoint.get("callbacks") or {}
+    state = next((s for key, s in states.items() if str(key).startswith(CHECKPOINT_STATE_KEY)), None)
+    if state is None:
+        return None
+    heads = [tuple(h) for h in state["heads"]]
+    return HeadRestriction(model, heads, kv=state["kv"], train_norms=state["train_norms"], train_mlp=state["train_mlp"]).apply()

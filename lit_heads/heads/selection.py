@@ -50,25 +50,10 @@ def select_heads(
     ``list`` takes ``heads`` and nothing else; duplicates are dropped.
     """
     _check_dims(n_layers, n_heads)
-    if strategy not in STRATEGIES:
-        raise ConfigError(
-            f"Unknown head-selection strategy {strategy!r}. Use one of: {', '.join(STRATEGIES)} "
-            "('top'/'bottom' rank heads by activation-pattern scores, 'random' samples with a seed, "
-            "'list' takes an explicit head list)."
-        )
-
+    top_k, fraction = check_selection_options(
+        strategy, top_k=top_k, fraction=fraction, has_heads=heads is not None, n_layers=n_layers, n_heads=n_heads
+    )
     if strategy == "list":
-        if top_k is not None or fraction is not None:
-            raise ConfigError(
-                "Conflicting head-selection options: strategy 'list' trains exactly the heads it is "
-                f"given, but top_k={top_k!r} / fraction={fraction!r} was also set. Remove top_k and "
-                "fraction, or use strategy 'top', 'bottom' or 'random' without a head list."
-            )
-        if heads is None:
-            raise ConfigError(
-                "Head-selection strategy 'list' needs a head list: pass heads=[(layer, head), ...] "
-                "or load one with load_head_list(path)."
-            )
         heads = _normalise(heads, n_layers, n_heads)
         if not heads:
             raise ConfigError(
@@ -76,13 +61,6 @@ def select_heads(
                 "(layer, head) pair."
             )
         return heads
-
-    if heads is not None:
-        raise ConfigError(
-            f"Conflicting head-selection options: strategy {strategy!r} chooses heads itself, but an "
-            "explicit head list was also given. Use strategy 'list' to train exactly those heads, or "
-            "drop the head list."
-        )
     k = _count(n_layers, n_heads, top_k, fraction)
 
     if strategy == "random":
@@ -94,6 +72,61 @@ def select_heads(
         order = torch.sort(scores.flatten(), descending=(strategy == "top"), stable=True).indices
         flat = order[:k]
     return sorted((int(i) // n_heads, int(i) % n_heads) for i in flat)
+
+
+def check_selection_options(
+    strategy: str,
+    *,
+    top_k: int | None = None,
+    fraction: float | None = None,
+    has_heads: bool = False,
+    n_layers: int | None = None,
+    n_heads: int | None = None,
+) -> tuple[int | None, float | None]:
+    """Check the head-selection options before anything is scored, and return ``(top_k, fraction)``.
+
+    The one check shared by :func:`select_heads` and the ``HeadRestrictedFinetuning`` callback (which
+    calls it first without a model, then with the model's ``n_layers`` and ``n_heads`` before it
+    scores any sample). Without the model's size only the lower bound of ``top_k`` is checked.
+    """
+    if strategy not in STRATEGIES:
+        raise ConfigError(
+            f"Unknown head-selection strategy {strategy!r}. Use one of: {', '.join(STRATEGIES)} "
+            "('top'/'bottom' rank heads by activation-pattern scores, 'random' samples with a seed, "
+            "'list' takes an explicit head list)."
+        )
+    if strategy == "list":
+        if top_k is not None or fraction is not None:
+            raise ConfigError(
+                "Conflicting head-selection options: strategy 'list' trains exactly the heads of its head "
+                f"list, but top_k={top_k!r} / fraction={fraction!r} was also set. Remove top_k and "
+                "fraction, or use strategy 'top', 'bottom' or 'random' to choose a number of heads."
+            )
+        if not has_heads:
+            raise ConfigError(
+                "Head-selection strategy 'list' needs a head list (`heads`): a file (.npy [K, 2] as LoFiT "
+                "saves it, .json, .txt or .csv of layer,head pairs), or in Python heads=[(layer, head), ...] "
+                "or load_head_list(path)."
+            )
+        return None, None
+    if has_heads:
+        raise ConfigError(
+            f"Conflicting head-selection options: strategy {strategy!r} chooses heads itself, but an "
+            "explicit head list was also given. Use strategy 'list' to train exactly those heads, or "
+            "drop the head list."
+        )
+    if (top_k is None) == (fraction is None):
+        raise ConfigError(
+            "Set exactly one of top_k (a number of heads) or fraction (a share of all heads) to say "
+            f"how many heads to select; got top_k={top_k!r} and fraction={fraction!r}."
+        )
+    if n_layers is not None and n_heads is not None:
+        _count(n_layers, n_heads, top_k, fraction)
+    elif top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise ConfigError(f"top_k={top_k!r} is out of range: it is a number of heads, an integer >= 1.")
+    elif fraction is not None:
+        _check_fraction(fraction)
+    return top_k, fraction
 
 
 def heads_to_mask(heads: list[tuple[int, int]], n_layers: int, n_heads: int) -> torch.Tensor:
@@ -178,11 +211,6 @@ def _is_int(value) -> bool:
 
 def _count(n_layers: int, n_heads: int, top_k, fraction) -> int:
     total = n_layers * n_heads
-    if (top_k is None) == (fraction is None):
-        raise ConfigError(
-            "Set exactly one of top_k (a number of heads) or fraction (a share of all heads) to say "
-            f"how many heads to select; got top_k={top_k!r} and fraction={fraction!r}."
-        )
     if top_k is not None:
         if not _is_int(top_k) or not 1 <= top_k <= total:
             raise ConfigError(
@@ -190,6 +218,11 @@ def _count(n_layers: int, n_heads: int, top_k, fraction) -> int:
                 f"= {total} heads, so top_k must be an integer from 1 to {total}."
             )
         return int(top_k)
+    _check_fraction(fraction)
+    return max(1, round(fraction * total))
+
+
+def _check_fraction(fraction) -> None:
     if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not (
         math.isfinite(fraction) and 0 < fraction <= 1
     ):
@@ -197,7 +230,6 @@ def _count(n_layers: int, n_heads: int, top_k, fraction) -> int:
             f"fraction={fraction!r} is out of range: it is the share of all heads to select and must "
             "be greater than 0 and at most 1 (e.g. 0.05 for 5% of the heads)."
         )
-    return max(1, round(fraction * total))
 
 
 def _check_scores(scores, strategy: str, n_layers: int, n_heads: int) -> torch.Tensor:
