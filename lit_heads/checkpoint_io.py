@@ -38,16 +38,9 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lit_heads.atomic import atomic_write
 from lit_heads.errors import ModelError
+from lit_heads.models import checkpoint_is_a_directory, unreadable_checkpoint
 
 __all__ = ["AtomicCheckpointIO", "CheckpointSafety", "unreadable_checkpoint"]
-
-
-def unreadable_checkpoint(path, err: BaseException) -> ModelError:
-    first_line = str(err).splitlines()[0] if str(err) else ""
-    return ModelError(
-        f"Checkpoint {path} cannot be read ({type(err).__name__}: {first_line}). It is truncated or not a "
-        "Lightning checkpoint; resume from another one (e.g. the previous step's) or start a new run."
-    )
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -73,6 +66,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only: Optional[bool] = None) -> dict[str, Any]:
         local = _is_local_file_protocol(str(path))
+        if local and Path(path).is_dir():
+            raise ModelError(checkpoint_is_a_directory(path))
         if local and not Path(path).is_file():
             folder = Path(path).parent
             found = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []

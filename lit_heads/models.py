@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from lit_heads.atomic import atomic_write_text, temp_dir_for
 from lit_heads.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ def resolve(name: str) -> ModelSource:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError(f"GGUF file {path} does not exist. Give the path of an existing .gguf file.")
+        _check_gguf_magic(path)
         return _cached_gguf(path.resolve(), label=path.stem.lower())
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -89,11 +91,35 @@ def resolve(name: str) -> ModelSource:
 
 
 def _read_checkpoint(path: Path) -> dict:
+    if path.is_dir():
+        raise ModelError(checkpoint_is_a_directory(path))
     if not path.is_file():
         raise ModelError(f"Checkpoint {path} does not exist. Give the path of a Lightning .ckpt written by `lit_heads fit`.")
     # Lightning checkpoints pickle the hyper-parameters (optimizer classes), so weights_only is off:
     # only load checkpoints you trust, as with any Lightning checkpoint.
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # mmap: cheap to read twice
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # mmap: cheap to read twice
+    except Exception as err:  # torch raises RuntimeError/EOFError/UnpicklingError... for a bad file
+        raise unreadable_checkpoint(path, err) from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise ModelError(f"{path} is not a Lightning checkpoint (it has no 'state_dict'). Give a .ckpt written by `lit_heads fit`.")
+    return checkpoint
+
+
+def unreadable_checkpoint(path, err: BaseException) -> ModelError:
+    first_line = str(err).splitlines()[0] if str(err) else ""
+    return ModelError(
+        f"Checkpoint {path} cannot be read ({type(err).__name__}: {first_line}). It is truncated or not a "
+        "Lightning checkpoint; resume from another one (e.g. the previous step's) or start a new run."
+    )
+
+
+def checkpoint_is_a_directory(path) -> str:
+    found = sorted(p.name for p in Path(path).glob("*.ckpt"))
+    listed = f"The checkpoints in it: {', '.join(found[:10])}{' ...' if len(found) > 10 else ''}." if found else "It holds no .ckpt file."
+    return (f"Checkpoint {path} is a directory, not a checkpoint file. {listed} Give one .ckpt file "
+            f"(e.g. {Path(path) / (found[0] if found else 'last.ckpt')}), or `last` for the newest last*.ckpt "
+            "of the run's ModelCheckpoint folder.")
 
 
 def checkpoint_base_model(path: str | Path) -> str:
@@ -146,13 +172,52 @@ def _not_found_message(name: str) -> str:
     )
 
 
+_GGUF_MAGIC = b"GGUF"
+
+
+def _check_gguf_magic(path: Path) -> None:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != _GGUF_MAGIC:
+        raise ModelError(
+            f"{path} is not a GGUF file: it does not start with the GGUF magic bytes (it starts with {head!r}). "
+            "Give a .gguf model file (e.g. from the Hugging Face hub or llama.cpp's converters), or a model "
+            "directory, checkpoint or hub id."
+        )
+
+
 def _cached_gguf(gguf: Path, label: str) -> ModelSource:
-    stat = gguf.stat()
-    key = hashlib.sha1(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
-    target = cache_dir() / f"{label}-{key}"
+    # Keyed by content: a reinstalled or touched file with the same bytes reuses its copy.
+    target = cache_dir() / f"{label}-{gguf_digest(gguf)[:16]}"
     if not (target / "config.json").is_file():
         _dequantize_to(gguf, target)
     return ModelSource(str(target), description=f"{gguf.name} (de-quantized cache {target})")
+
+
+def gguf_digest(gguf: Path) -> str:
+    """SHA-256 of the file's bytes. Reading a GGUF file takes about a second per GB, so the digest
+    is remembered in the cache folder per (path, size, mtime, inode): it is computed once per change
+    of the file, not once per load."""
+    stat = gguf.stat()
+    stamp = f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
+    index_path = cache_dir() / "gguf-digests.json"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        index = {}
+    if isinstance(index.get(stamp), str):
+        return index[stamp]
+    digest = hashlib.sha256()
+    with open(gguf, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    index = {k: v for k, v in index.items() if not k.startswith(f"{gguf}|")}
+    index[stamp] = digest.hexdigest()
+    try:
+        atomic_write_text(index_path, json.dumps(index, indent=1) + "\n")
+    except OSError as err:  # a read-only cache still works, it just hashes again next time
+        log.warning("Could not remember the digest of %s in %s (%s)", gguf, index_path, err)
+    return index[stamp]
 
 
 def _dequantize_to(gguf: Path, target: Path) -> None:
@@ -161,11 +226,21 @@ def _dequantize_to(gguf: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.warning("De-quantizing %s once into %s (about 15 s on 2 cores; later loads are fast)", gguf.name, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    tmp = temp_dir_for(target)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        except (ValueError, KeyError, IndexError, OSError, EOFError, RuntimeError) as err:
+            # What gguf's reader and transformers raise for a truncated file (a tensor shorter than its
+            # header says), a corrupt header, or an architecture transformers cannot read from GGUF.
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise ModelError(
+                f"GGUF file {gguf} cannot be read as a model ({type(err).__name__}: {first_line}). It is "
+                "truncated or corrupt (e.g. an interrupted download: compare its size and checksum with the "
+                "source), or of an architecture transformers cannot load from GGUF. Give a complete .gguf "
+                "file, or the model's Hugging Face directory or hub id."
+            ) from None
         # The de-quantized weights are plain float32; keeping the GGUF quantizer would make
         # save_pretrained and later loads treat them as quantized.
         model.config.quantization_config = None
@@ -193,16 +268,34 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     source = resolve(name)
+    local = Path(source.path).is_dir()
+    if local:
+        _check_has_weights(Path(source.path), name)
     kwargs = {"dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
     except OSError as err:
-        raise ModelError(f"Could not load model '{name}' from {source.description}: {err}. {_not_found_message(name)}") from err
+        hint = "" if local else f" {_not_found_message(name)}"
+        raise ModelError(f"Could not load model '{name}' from {source.description}: {err}.{hint}") from err
     if str(name).endswith(".ckpt"):
         model = _load_checkpoint_weights(model, Path(name).expanduser())
     return model
+
+
+def _check_has_weights(directory: Path, name: str) -> None:
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+
+    names = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+    if not any((directory / n).is_file() for n in names):
+        present = sorted(p.name for p in directory.iterdir())
+        raise ModelError(
+            f"Model directory {directory} (from '{name}') has a config.json but no weights: none of "
+            f"{', '.join(names)} is in it (it holds: {', '.join(present[:12])}{' ...' if len(present) > 12 else ''}). "
+            "Copy the weight files next to config.json (an interrupted download or a partial copy?), or "
+            "point to a complete save_pretrained / `lit_heads` export directory."
+        )
 
 
 def load_tokenizer(name: str = DEFAULT_MODEL):

@@ -88,7 +88,25 @@ def ws(tmp_path, tiny_llama_dir, monkeypatch):
     torch.save({"state_dict": {f"model.{k}": v for k, v in other.state_dict().items()},
                 "hyper_parameters": {"model": str(tiny_llama_dir)}, "global_step": 5, "epoch": 0}, tmp_path / "other_model.ckpt")
     (tmp_path / "truncated.ckpt").write_bytes((tmp_path / "other_model.ckpt").read_bytes()[:2000])
+    (tmp_path / "text.gguf").write_text("not a model\n")
+    weightless = tmp_path / "weightless"  # a model folder whose weights were not copied
+    weightless.mkdir()
+    for f in tiny_llama_dir.iterdir():
+        if not f.name.endswith(".safetensors"):
+            (weightless / f.name).write_bytes(f.read_bytes())
+    monkeypatch.setenv("LIT_HEADS_CACHE", str(tmp_path / "cache"))  # de-quantized GGUF copies stay in the test
     return tmp_path
+
+
+def truncated_gguf(ws: Path) -> Path:
+    """The bundled GGUF file cut after 3 MB: a whole header, the first tensor's data cut short (an
+    interrupted download)."""
+    from lit_heads.models import bundled_gguf
+
+    path = ws / "cut.gguf"
+    with open(bundled_gguf(), "rb") as f:
+        path.write_bytes(f.read(3_000_000))
+    return path
 
 
 def fit_args(ws: Path, model_dir: Path, extra_callbacks: str = "", *flags: str) -> list[str]:
@@ -179,6 +197,24 @@ CASES = {
     "missing-checkpoint": (
         lambda ws, m: fit_args(ws, m, "", "--ckpt_path", "runs/quickstart/checkpoints/nope.ckpt"),
         ["nope.ckpt does not exist", "last.ckpt"]),
+    "ckpt_path-is-a-directory": (
+        lambda ws, m: fit_args(ws, m, "", "--ckpt_path", "runs/quickstart/checkpoints"),
+        ["runs/quickstart/checkpoints is a directory", "The checkpoints in it: last.ckpt"]),
+    "model-folder-without-weights": (
+        lambda ws, m: fit_args(ws, ws / "weightless", ""),
+        ["weightless", "has a config.json but no weights", "model.safetensors"]),
+    "not-a-gguf-file": (
+        lambda ws, m: ["ap", "--model", "text.gguf", "--data", "generated:arithmetic", "--n_samples", "2", "--output", "out/ap"],
+        ["text.gguf is not a GGUF file", "magic"]),
+    "truncated-gguf-file": (
+        lambda ws, m: ["ap", "--model", str(truncated_gguf(ws)), "--data", "generated:arithmetic", "--n_samples", "2", "--output", "out/ap"],
+        ["cut.gguf cannot be read as a model", "truncated or corrupt"]),
+    "truncated-checkpoint-as-model": (
+        lambda ws, m: fit_args(ws, ws / "truncated.ckpt", ""),
+        ["truncated.ckpt cannot be read", "truncated or not a Lightning checkpoint"]),
+    "ap-on-truncated-checkpoint": (
+        lambda ws, m: ["ap", "--model", "truncated.ckpt", "--data", "generated:arithmetic", "--n_samples", "2", "--output", "out/ap"],
+        ["truncated.ckpt cannot be read", "truncated or not a Lightning checkpoint"]),
     # ---- outputs and commands -----------------------------------------------------------------
     "ap-output-not-writable": (
         lambda ws, m: ["ap", "--model", str(m), "--data", "generated:arithmetic", "--n_samples", "2", "--output", "blocker/ap"],
