@@ -1,5 +1,6 @@
 """Training completes and the metrics are on disk (`<save_dir>/metrics.jsonl`) whatever W&B does:
-no API key, no network, WANDB_MODE=disabled, and a W&B error in the middle of the run."""
+no API key, no network, WANDB_MODE=disabled, a W&B run that cannot even be created (online without
+a key, a rejected key, an unwritable W&B folder), and a W&B error in the middle of the run."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from lit_heads.cli import main
 
@@ -39,6 +41,9 @@ def fit(tmp_path, tiny_llama_dir, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr("lit_heads.loggers.socket.create_connection", no_network)  # fast, and never the real network
     (tmp_path / "tiny.yaml").write_text(TINY)
+    import wandb
+
+    wandb.teardown()  # wandb keeps the settings (mode, key) of its first run in a process-wide singleton
 
     def run():
         main(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--config", "tiny.yaml", "--model.model", str(tiny_llama_dir)])
@@ -47,6 +52,7 @@ def fit(tmp_path, tiny_llama_dir, monkeypatch):
         assert any("val/loss" in r for r in rows)
         summary = json.loads((tmp_path / "wb" / "fit_summary.json").read_text())
         assert summary["steps"] == 3  # training completed
+        assert torch.load(summary["checkpoint"], weights_only=False)["global_step"] == 3  # a checkpoint was saved
         return summary
 
     return run
@@ -70,9 +76,65 @@ def test_no_network_with_a_key_goes_offline(fit, monkeypatch, recwarn):
     assert Path(summary["wandb_run"]).name.startswith("offline-run-")
 
 
-def test_wandb_disabled(fit, monkeypatch):
+def test_wandb_disabled(fit, monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    fit()
+    summary = fit()
+    assert summary["wandb_run"] is None
+    assert not list(tmp_path.rglob("offline-run-*"))  # disabled means no W&B run, not an offline one
+
+
+def test_online_without_a_key_falls_back_to_offline(fit, monkeypatch, recwarn):
+    """WANDB_MODE=online forces the online attempt, which wandb.init refuses without a key."""
+    monkeypatch.setenv("WANDB_MODE", "online")
+    summary = fit()
+    err = warned(recwarn)
+    assert err.count("W&B could not start the run (UsageError: No API key configured") == 1
+    assert "W&B runs offline; upload later with `wandb sync" in err
+    assert Path(summary["wandb_run"]).name.startswith("offline-run-")
+
+
+def test_a_rejected_key_falls_back_to_offline(fit, monkeypatch, recwarn):
+    """An invalid key makes wandb.init fail after its timeout (100 s); here it fails at once, as it
+    would then, for every attempt that is not offline."""
+    import wandb
+
+    real_init = wandb.init
+    attempts = []
+
+    def init(*args, **kwargs):
+        attempts.append(kwargs.get("mode"))
+        if kwargs.get("mode") in ("offline", "disabled"):
+            return real_init(*args, **kwargs)
+        raise wandb.errors.CommError("Run initialization has timed out after 90.0 sec. (invalid API key)")
+
+    monkeypatch.setattr(wandb, "init", init)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setattr("lit_heads.loggers.socket.create_connection", lambda *a, **k: type("C", (), {"close": lambda self: None})())
+    summary = fit()
+    assert attempts == [None, "offline"]  # online first (key and server "fine"), then offline
+    assert warned(recwarn).count("W&B could not start the run (CommError: Run initialization has timed out") == 1
+    assert Path(summary["wandb_run"]).name.startswith("offline-run-")
+
+
+def test_an_unwritable_wandb_folder_turns_wandb_off(fit, tmp_path, recwarn):
+    (tmp_path / "wb").mkdir()
+    (tmp_path / "wb" / "wandb").write_text("a file where W&B needs its folder")
+    summary = fit()
+    err = warned(recwarn)
+    assert err.count("W&B could not start the run (NotADirectoryError") == 1 and "W&B is off for this run" in err
+    assert summary["wandb_run"] is None
+
+
+def test_wandb_that_cannot_start_at_all(fit, monkeypatch, recwarn):
+    import wandb
+
+    def init(*args, **kwargs):
+        raise RuntimeError(f"wandb is broken (test, mode {kwargs.get('mode')})")
+
+    monkeypatch.setattr(wandb, "init", init)
+    summary = fit()
+    assert warned(recwarn).count("W&B could not start the run, not even switched off (RuntimeError: wandb is broken") == 1
+    assert summary["wandb_run"] is None
 
 
 def test_wandb_error_during_the_run(fit, monkeypatch, recwarn):
