@@ -140,27 +140,29 @@ def _rename_exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(a), None, str(b))
 
 
-def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+def remove_stale_temps(folder: str | os.PathLike) -> dict[Path, int]:
     """Remove, below `folder`, the temp files and folders of atomic writes whose process is gone
     (killed mid-write). Only names this module makes are touched, and only when the pid in the name
     is not a live process (or is this process's own pid, reused from an earlier life: this process
     has nothing in flight when it calls this). Temps of lit_heads 0.1.0 (no pid in the name) are
     removed too: a folder only next to a sibling of the same name. Call it only on folders no other
-    lit_heads process writes to (`lit_heads fit` holds the run lock). Returns what was removed."""
-    removed = []
+    lit_heads process writes to (`lit_heads fit` holds the run lock). Returns what was removed, with
+    the bytes it held."""
+    removed = {}
     for root, dirs, files in os.walk(folder):
         for name in list(dirs):
             if _stale(name, is_dir=True, siblings=dirs):
                 path = Path(root, name)
+                removed[path] = sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
                 shutil.rmtree(path, ignore_errors=True)
-                removed.append(path)
                 dirs.remove(name)  # do not walk into it
         for name in files:
             if _stale(name, is_dir=False, siblings=dirs + files):
                 path = Path(root, name)
                 with contextlib.suppress(FileNotFoundError):
+                    size = path.stat().st_size
                     path.unlink()
-                    removed.append(path)
+                    removed[path] = size
     return removed
 
 

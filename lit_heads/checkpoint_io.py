@@ -11,8 +11,8 @@ sees the old file or the new one, never a mix. This covers `last.ckpt` too: with
 `ModelCheckpoint(save_last=True)` it is written through the same `save_checkpoint` call. (With
 `save_last="link"` Lightning replaces the link itself, by remove + symlink: a kill in between
 leaves no `last.ckpt`, but the file it pointed at stays whole.) The temp name
-(`.<name>.<random>.tmp`) never matches Lightning's `last*.ckpt` pattern, so `--ckpt_path last`
-cannot pick a leftover one.
+(`.<name>.<pid>-<random>.tmp`) never matches Lightning's `last*.ckpt` pattern, so `--ckpt_path last`
+cannot pick a leftover one, and the next `lit_heads fit` into the run folder removes it.
 
 `CheckpointSafety` is the callback `lit_heads fit` always adds (see `cli.run_lightning`). It
 1. installs `AtomicCheckpointIO` when the strategy would use the plain `TorchCheckpointIO`
@@ -23,11 +23,23 @@ cannot pick a leftover one.
    loaders' state only if the loader was not built before the loop state was restored, but
    `trainer.estimated_stepping_batches` (used by our warmup-cosine schedule in
    `configure_optimizers`) builds it early (Lightning issue #20550), so the state is applied here,
-   at train start, before the first batch is drawn.
+   at train start, before the first batch is drawn;
+4. makes a resumed fit one logical run with the run it resumes (`RUN_RECORD` in every checkpoint):
+   - it refuses a resume with another world size or gradient accumulation (the loader position is
+     counted in batches; the CLI refuses the other differences before the model loads, see
+     `lit_heads.resume`);
+   - `metrics.jsonl` is cut back to where the checkpoint was taken, so that steps replayed after a
+     kill are recorded once;
+   - the W&B run id is kept so the resumed fit continues the same W&B run;
+   - the warmup-cosine schedule is re-derived for a changed number of steps (`max_steps`): from the
+     resume step on, the learning rate follows the schedule of the new total;
+   - a validation that was due right after the checkpoint's step, and that a kill interrupted, is
+     run before training continues (Lightning skips it: it counts it as done).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -35,12 +47,16 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
 
 from lit_heads.atomic import atomic_write
-from lit_heads.errors import ModelError
+from lit_heads.errors import ConfigError, ModelError
 from lit_heads.models import checkpoint_is_a_directory, unreadable_checkpoint
 
-__all__ = ["AtomicCheckpointIO", "CheckpointSafety", "unreadable_checkpoint"]
+__all__ = ["AtomicCheckpointIO", "CheckpointSafety", "RUN_RECORD", "unreadable_checkpoint"]
+
+# Top-level checkpoint key of what makes a resumed fit the same run (see CheckpointSafety).
+RUN_RECORD = "lit_heads_run"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -113,8 +129,14 @@ def _check_fits(path, checkpoint: dict, expected: dict[str, tuple], strict: bool
 
 
 class CheckpointSafety(L.Callback):
-    """Atomic checkpoint files, clear errors for a checkpoint that cannot be resumed, and the train
-    loader's mid-epoch position restored (see the module docstring). `lit_heads fit` adds it."""
+    """Atomic checkpoint files, clear errors for a checkpoint that cannot be resumed, the train
+    loader's mid-epoch position restored, and a resumed fit kept one run with the one it resumes
+    (see the module docstring). `lit_heads fit` adds it."""
+
+    def __init__(self) -> None:
+        self._after_train_batch = False  # between a training batch's end and the next batch/validation
+        self._resumed: dict | None = None  # RUN_RECORD of the checkpoint this fit resumed from
+        self._stepping_batches: int | None = None
 
     def setup(self, trainer, pl_module, stage):
         strategy = trainer.strategy
@@ -128,6 +150,56 @@ class CheckpointSafety(L.Callback):
             io.expected_shapes = lambda: {k: tuple(v.shape) for k, v in pl_module.state_dict().items()}
             io.strict = bool(getattr(pl_module, "strict_loading", True))
 
+    # ---- what a checkpoint records, and where in the step it was taken -----------------------
+    # Lightning runs checkpoint callbacks after all others, so these flags are set before a
+    # ModelCheckpoint of the same hook saves.
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._after_train_batch = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._after_train_batch = True
+
+    def on_validation_start(self, trainer, pl_module):
+        self._after_train_batch = False
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._after_train_batch = False
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        # A checkpoint taken at a training batch's end precedes that step's logged record (Lightning
+        # writes it right after the batch-end hooks), which a resume does not log again.
+        keep = int(self._after_train_batch and bool(trainer._logger_connector.should_update_logs))
+        checkpoint[RUN_RECORD] = {
+            "seed": _int_or_none(os.environ.get("PL_GLOBAL_SEED")),
+            "world_size": trainer.world_size,
+            "accumulate_grad_batches": trainer.accumulate_grad_batches,
+            "max_steps": trainer.max_steps,
+            "stepping_batches": self._stepping_batches,
+            "wandb_run_id": next((lg.run_id for lg in trainer.loggers if getattr(lg, "run_id", None)), None),
+            "metrics": [{**lg.mirror_mark(), "keep_records": keep} for lg in trainer.loggers if hasattr(lg, "mirror_mark")],
+        }
+
+    # ---- resume -----------------------------------------------------------------------------------
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint):
+        record = checkpoint.get(RUN_RECORD)
+        if trainer.state.fn != "fit" or not record:
+            return
+        changed = [f"{name} {record[name]} in the checkpoint, {now} now" for name, now in (
+            ("world_size", trainer.world_size), ("accumulate_grad_batches", trainer.accumulate_grad_batches),
+        ) if record.get(name) is not None and record[name] != now]
+        if changed:
+            raise ConfigError(
+                f"This fit cannot resume the checkpoint: {'; '.join(changed)}. The data loader's position "
+                "is kept in batches per process and the optimizer step in accumulated batches, so other "
+                "processes or accumulation would skip or repeat samples. Resume with the devices, nodes and "
+                "accumulate_grad_batches it was trained with, or start a new run."
+            )
+        self._resumed = record
+        for logger in trainer.loggers:
+            marks = [m for m in record.get("metrics", []) if hasattr(logger, "rewind_mirror")]
+            for mark in marks:
+                logger.rewind_mirror(mark, mark.get("keep_records", 0))
+
     def on_train_start(self, trainer, pl_module):
         fit_loop = trainer.fit_loop
         pending = getattr(fit_loop, "_combined_loader_states_to_load", None)
@@ -135,6 +207,58 @@ class CheckpointSafety(L.Callback):
         if pending and loader is not None:
             loader._load_state_dicts(pending)
             fit_loop._combined_loader_states_to_load = []
+        self._stepping_batches = int(trainer.estimated_stepping_batches)
+        if self._resumed is not None:
+            self._retarget_schedules(trainer)
+            _redo_interrupted_validation(trainer)
+
+    def _retarget_schedules(self, trainer) -> None:
+        from lit_heads.optim import WarmupCosine
+
+        before, now = self._resumed.get("stepping_batches"), self._stepping_batches
+        if before is None or before == now:
+            return
+        for config in trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            # Only a total the module derived from the trainer (total_steps=None in the config): an
+            # explicit total_steps is the user's choice and stays.
+            if isinstance(scheduler, WarmupCosine) and scheduler.total_steps == before:
+                scheduler.total_steps = now
+                step = scheduler.last_epoch
+                for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+                    group["lr"] = base * scheduler._factor(step)
+                scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+                rank_zero_info(
+                    f"lit_heads: resuming at step {trainer.global_step} with {now} training steps instead of "
+                    f"{before}: the warmup-cosine schedule is re-derived for {now} steps, so from step "
+                    f"{trainer.global_step} on the learning rate follows it (now {scheduler._last_lr[0]:.3g})."
+                )
+
+
+def _redo_interrupted_validation(trainer) -> None:
+    """Run the validation that was due right after the checkpoint's step. A checkpoint taken at a
+    training batch's end precedes that step's validation; Lightning, resuming from it, marks that
+    validation as done and goes on training, so a kill during it would lose it."""
+    epoch_loop = trainer.fit_loop.epoch_loop
+    if not (epoch_loop.restarting and epoch_loop.restarted_on_train_batch_end):
+        return
+    if not epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
+        return
+    rank_zero_info(f"lit_heads: the checkpoint was taken before step {trainer.global_step}'s validation; validating now.")
+    val_loop = epoch_loop.val_loop
+    val_loop.restarting = False  # a whole validation pass, as in the uninterrupted run
+    trainer.validating = True
+    try:
+        val_loop.run()
+    finally:
+        trainer.training = True
+
+
+def _int_or_none(value) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _plain_state_dict(strategy) -> bool:

@@ -55,11 +55,23 @@ class SaveConfigToLoggers(SaveConfigCallback):
 
 
 class LitHeadsCLI(LightningCLI):
+    def __init__(self, *args, **kwargs):
+        self._run_locks: list = []
+        try:
+            super().__init__(*args, **kwargs)  # parses, instantiates and runs the subcommand
+        finally:
+            for lock in self._run_locks:
+                lock.release()
+
     def add_arguments_to_parser(self, parser) -> None:
         # The data is tokenized with the model's own tokenizer; one name configures both.
         parser.link_arguments("model.model", "data.tokenizer")
 
     def _parse_ckpt_path(self) -> None:
+        if self.config.get("subcommand") == "fit":
+            # LightningCLI would replace the model config with the checkpoint's hyper-parameters, for
+            # a checkpoint file but not for `last`; a fit compares them instead (before_instantiate_classes).
+            return
         # LightningCLI reads --ckpt_path's hyper-parameters with torch.load before the Trainer (and
         # its CheckpointIO with clear errors) sees the file.
         try:
@@ -68,6 +80,45 @@ class LitHeadsCLI(LightningCLI):
             from lit_heads.checkpoint_io import unreadable_checkpoint
 
             raise unreadable_checkpoint(self.config[self.config.subcommand].get("ckpt_path"), err) from err
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand == "fit":
+            self._prepare_fit()
+
+    def _prepare_fit(self) -> None:
+        """Before the model loads: lock the run folders, remove temps that killed runs left there,
+        and check the checkpoint to resume (see lit_heads.run_lock and lit_heads.resume)."""
+        from lit_heads.atomic import remove_stale_temps
+        from lit_heads.models import read_checkpoint
+        from lit_heads.resume import Resume, checkpoint_dirs, resolve_ckpt_path
+        from lit_heads.run_lock import RunLock, launching_process, root_folders
+
+        config = self.config.fit
+        dirs = checkpoint_dirs(config.trainer)
+        if launching_process():
+            for folder in root_folders([config.trainer.get("default_root_dir"), _logger_save_dir(config.trainer), *dirs]):
+                self._run_locks.append(RunLock(folder).acquire())
+                removed = remove_stale_temps(folder)
+                if removed:
+                    print(f"lit_heads: removed {len(removed)} temporary file(s) of killed runs from {folder} "
+                          f"({sum(removed.values()) / 2**20:.1f} MiB): {', '.join(p.name for p in list(removed)[:4])}",
+                          file=sys.stderr)
+        path, note = resolve_ckpt_path(config.get("ckpt_path"), dirs)
+        if note and launching_process():
+            print(note, file=sys.stderr)
+        if path is None:
+            if config.get("ckpt_path") in ("last", "last_or_new"):
+                config.ckpt_path = None
+            return
+        config.ckpt_path = str(path)
+        if not path.is_file():
+            return  # the Trainer's checkpoint IO names the missing file and what is there
+        resume = Resume(path, read_checkpoint(path)).compare(config)
+        resume.raise_if_refused()
+        if launching_process():
+            step = resume.checkpoint.get("global_step")
+            print(f"lit_heads: resuming {path} at step {step}" + "".join(f"; {n}" for n in resume.notes) + ".", file=sys.stderr)
+        _continue_wandb_run(config.trainer, resume.record.get("wandb_run_id"))
 
     def _run_subcommand(self, subcommand: str) -> None:
         # Close the W&B run whatever happens: a run left open would be adopted by the next
@@ -80,6 +131,29 @@ class LitHeadsCLI(LightningCLI):
             for logger in self.trainer.loggers:
                 if hasattr(logger, "finish"):
                     logger.finish(exit_code=1 if failed else 0)
+
+
+def _loggers(trainer_config) -> list:
+    loggers = trainer_config.get("logger")
+    return [lg for lg in (loggers if isinstance(loggers, list) else [loggers]) if hasattr(lg, "get")]
+
+
+def _logger_save_dir(trainer_config) -> str | None:
+    return next((lg.init_args.get("save_dir") for lg in _loggers(trainer_config) if lg.get("init_args")), None)
+
+
+def _continue_wandb_run(trainer_config, run_id: str | None) -> None:
+    """Give a resumed fit's W&B logger the checkpoint's run id (W&B resumes it: resume="allow")."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from lit_heads.resume import _class_of
+
+    for entry in _loggers(trainer_config):
+        cls = _class_of(entry)
+        args = entry.get("init_args")
+        if run_id and cls is not None and issubclass(cls, WandbLogger) and args is not None:
+            if not (args.get("id") or args.get("version")):
+                args.id = run_id
 
 
 def run_lightning(args: list[str] | None) -> None:

@@ -90,7 +90,9 @@ def resolve(name: str) -> ModelSource:
     raise ModelError(_not_found_message(name))
 
 
-def _read_checkpoint(path: Path) -> dict:
+def read_checkpoint(path: Path) -> dict:
+    """A Lightning checkpoint file, memory-mapped (reading it twice costs little), or a ModelError
+    that says what is wrong with the path or the file."""
     if path.is_dir():
         raise ModelError(checkpoint_is_a_directory(path))
     if not path.is_file():
@@ -124,7 +126,7 @@ def checkpoint_is_a_directory(path) -> str:
 
 def checkpoint_base_model(path: str | Path) -> str:
     """The base model name a `lit_heads fit` checkpoint was trained from."""
-    ckpt = _read_checkpoint(Path(path))
+    ckpt = read_checkpoint(Path(path))
     base = ckpt.get("hyper_parameters", {}).get("model")
     if not isinstance(base, str):
         raise ModelError(f"{path} is not a lit_heads checkpoint: its hyper_parameters name no 'model'. Give a checkpoint written by `lit_heads fit`.")
@@ -132,7 +134,7 @@ def checkpoint_base_model(path: str | Path) -> str:
 
 
 def _load_checkpoint_weights(model, path: Path):
-    checkpoint = _read_checkpoint(path)
+    checkpoint = read_checkpoint(path)
     weights = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     restriction = None
     if any(".parametrizations." in k for k in weights):
@@ -162,6 +164,15 @@ def _load_checkpoint_weights(model, path: Path):
         raise does_not_fit(f"{len(unexpected)} unexpected and {len(missing)} missing tensors "
                            f"(e.g. {(unexpected or missing)[:3]})")
     return model
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two model names name the same model: equal, both the bundled default (by any alias),
+    or paths to the same file or folder."""
+    if a == b or (a.lower() in _BUNDLED_ALIASES and b.lower() in _BUNDLED_ALIASES):
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
 def _not_found_message(name: str) -> str:

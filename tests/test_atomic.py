@@ -79,7 +79,7 @@ def test_own_pid_in_a_temp_name_is_an_earlier_life(tmp_path):
     """After a container restart a new run may get the pid of the killed one."""
     own = tmp_path / f".last.ckpt.{os.getpid()}-abcd_123.tmp"
     own.write_text("x")
-    assert remove_stale_temps(tmp_path) == [own]
+    assert list(remove_stale_temps(tmp_path)) == [own]
 
 
 def test_atomic_dir_replaces_an_existing_folder_without_a_moment_where_it_is_missing(tmp_path, monkeypatch):
