@@ -86,39 +86,43 @@ class LitHeadsCLI(LightningCLI):
             self._prepare_fit()
 
     def _prepare_fit(self) -> None:
-        """Before the model loads: lock the run folders, remove temps that killed runs left there,
-        and check the checkpoint to resume (see lit_heads.run_lock and lit_heads.resume)."""
-        from lit_heads.atomic import remove_stale_temps
+        """Before the model loads: check the checkpoint to resume, then lock the run folders and
+        remove temps that killed runs left there (see lit_heads.resume and lit_heads.run_lock)."""
         from lit_heads.models import read_checkpoint
         from lit_heads.resume import Resume, checkpoint_dirs, resolve_ckpt_path
-        from lit_heads.run_lock import RunLock, launching_process, root_folders
+        from lit_heads.run_lock import launching_process
 
         config = self.config.fit
         dirs = checkpoint_dirs(config.trainer)
+        requested = config.get("ckpt_path")
+        path, note = resolve_ckpt_path(requested, dirs)
+        resume = None
+        if path is not None and path.is_file():  # a missing file is named by the Trainer's checkpoint IO
+            resume = Resume(path, read_checkpoint(path)).compare(config)
+            resume.raise_if_refused()
         if launching_process():
-            for folder in root_folders([config.trainer.get("default_root_dir"), _logger_save_dir(config.trainer), *dirs]):
-                self._run_locks.append(RunLock(folder).acquire())
-                removed = remove_stale_temps(folder)
-                if removed:
-                    print(f"lit_heads: removed {len(removed)} temporary file(s) of killed runs from {folder} "
-                          f"({sum(removed.values()) / 2**20:.1f} MiB): {', '.join(p.name for p in list(removed)[:4])}",
-                          file=sys.stderr)
-        path, note = resolve_ckpt_path(config.get("ckpt_path"), dirs)
-        if note and launching_process():
-            print(note, file=sys.stderr)
-        if path is None:
-            if config.get("ckpt_path") in ("last", "last_or_new"):
-                config.ckpt_path = None
-            return
-        config.ckpt_path = str(path)
-        if not path.is_file():
-            return  # the Trainer's checkpoint IO names the missing file and what is there
-        resume = Resume(path, read_checkpoint(path)).compare(config)
-        resume.raise_if_refused()
-        if launching_process():
-            step = resume.checkpoint.get("global_step")
-            print(f"lit_heads: resuming {path} at step {step}" + "".join(f"; {n}" for n in resume.notes) + ".", file=sys.stderr)
-        _continue_wandb_run(config.trainer, resume.record.get("wandb_run_id"))
+            self._lock_run_folders([config.trainer.get("default_root_dir"), _logger_save_dir(config.trainer), *dirs])
+            if note:
+                print(note, file=sys.stderr)
+            if resume is not None:
+                print(f"lit_heads: resuming {path} at step {resume.checkpoint.get('global_step')}"
+                      + "".join(f"; {n}" for n in resume.notes) + ".", file=sys.stderr)
+        if requested in ("last", "last_or_new") or path is not None:
+            config.ckpt_path = str(path) if path is not None else None
+        if resume is not None:
+            _continue_wandb_run(config.trainer, resume.record.get("wandb_run_id"))
+
+    def _lock_run_folders(self, folders) -> None:
+        from lit_heads.atomic import remove_stale_temps
+        from lit_heads.run_lock import RunLock, root_folders
+
+        for folder in root_folders(folders):
+            self._run_locks.append(RunLock(folder).acquire())
+            removed = remove_stale_temps(folder)
+            if removed:
+                print(f"lit_heads: removed {len(removed)} temporary file(s) of killed runs from {folder} "
+                      f"({sum(removed.values()) / 2**20:.1f} MiB): {', '.join(p.name for p in list(removed)[:4])}",
+                      file=sys.stderr)
 
     def _run_subcommand(self, subcommand: str) -> None:
         # Close the W&B run whatever happens: a run left open would be adopted by the next

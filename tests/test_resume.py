@@ -39,11 +39,68 @@ class KillAtStep(L.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class KillInValidation(L.Callback):
+    """Test-only: SIGKILL this process during the validation that follows optimizer step `step`."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KillInCheckpointWrite(L.Callback):
+    """Test-only: SIGKILL this process half-way through writing the checkpoint of step `step`."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_start(self, trainer, pl_module):  # after CheckpointSafety installed the atomic IO
+        io, real = trainer.strategy.checkpoint_io, trainer.strategy.checkpoint_io._write
+
+        def write(checkpoint, f):
+            if checkpoint["global_step"] == self.step:
+                f.write(b"PK\x03\x04 part of a checkpoint" * 1000)
+                f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            real(checkpoint, f)
+
+        io._write = write
+
+
+class RecordLR(L.Callback):
+    """Test-only: append (step, learning rate used by that step) to `path`, one JSON line per step."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": trainer.global_step, "lr": trainer.optimizers[0].param_groups[0]["lr"]}) + "\n")
+
+
+class WaitAtTrainStart(L.Callback):
+    """Test-only: create `started`, then wait (at most 5 minutes) until `release` exists."""
+
+    def __init__(self, started: str, release: str):
+        self.started, self.release = started, release
+
+    def on_train_start(self, trainer, pl_module):
+        import time
+
+        Path(self.started).write_text(str(os.getpid()))
+        deadline = time.monotonic() + 300
+        while not Path(self.release).exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
 # Runs lit_heads.cli.main in a fresh interpreter that can import KillAtStep from this file.
 BOOT = "import sys\nfrom lit_heads.cli import main\nmain(sys.argv[1:])\n"
 
 
-def config(model_dir: Path, run: Path, *, restricted: bool, kill_at: int | None, version: int) -> str:
+def config(model_dir: Path, run: Path, *, restricted: bool, kill_at: int | None, version: int, wandb: bool = False,
+           validate_every: int | None = None, extra_callbacks: str = "", top_k: int = 3) -> str:
     callbacks = f"""
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
       init_args: {{dirpath: {run}/checkpoints, every_n_train_steps: 1, save_last: true, save_top_k: -1}}
@@ -54,11 +111,16 @@ def config(model_dir: Path, run: Path, *, restricted: bool, kill_at: int | None,
     if restricted:
         callbacks += f"""
     - class_path: lit_heads.callbacks.head_restricted.HeadRestrictedFinetuning
-      init_args: {{strategy: top, top_k: 3, n_score_samples: 4, dirpath: {run}/heads}}"""
+      init_args: {{strategy: top, top_k: {top_k}, n_score_samples: 4, dirpath: {run}/heads}}"""
     if kill_at is not None:
         callbacks += f"""
     - class_path: test_resume.KillAtStep
       init_args: {{step: {kill_at}}}"""
+    callbacks += extra_callbacks
+    logger = (f"{{class_path: lit_heads.loggers.WandbLogger, init_args: {{save_dir: {run}, name: t}}}}" if wandb else
+              f"{{class_path: lightning.pytorch.loggers.CSVLogger, init_args: {{save_dir: {run}, name: logs, version: {version}}}}}")
+    validation = (f"limit_val_batches: null\n      val_check_interval: {validate_every}\n      check_val_every_n_epoch: null"
+                  if validate_every else "limit_val_batches: 0")
     return textwrap.dedent(f"""
     seed_everything: 7
     model:
@@ -73,24 +135,25 @@ def config(model_dir: Path, run: Path, *, restricted: bool, kill_at: int | None,
       max_steps: {MAX_STEPS}
       deterministic: true
       num_sanity_val_steps: 0
-      limit_val_batches: 0
+      {validation}
+      log_every_n_steps: 1
       enable_progress_bar: false
       enable_model_summary: false
       default_root_dir: {run}
-      logger:
-        class_path: lightning.pytorch.loggers.CSVLogger
-        init_args: {{save_dir: {run}, name: logs, version: {version}}}
+      logger: {logger}
       callbacks:""") + callbacks + "\n"
 
 
 def fit(tmp: Path, name: str, model_dir: Path, run: Path, *, restricted: bool, kill_at=None, version=0,
-        extra=()) -> subprocess.CompletedProcess:
+        extra=(), popen=False, **options):
     cfg = tmp / f"{name}.yaml"
-    cfg.write_text(config(model_dir, run, restricted=restricted, kill_at=kill_at, version=version))
+    cfg.write_text(config(model_dir, run, restricted=restricted, kill_at=kill_at, version=version, **options))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-c", BOOT, "fit", "--config", str(cfg), *extra],
-                          cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-c", BOOT, "fit", "--config", str(cfg), *extra]
+    if popen:
+        return subprocess.Popen(command, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
@@ -308,3 +371,232 @@ def test_atomic_checkpoint_io_is_used_by_fit_and_respects_a_configured_plugin(tm
     main(args)
     assert "last.ckpt" in calls and len(calls) >= 2
     assert torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)["global_step"] == 2
+
+
+# ---- one logical run across a resume: validation, metrics.jsonl, W&B ----------------------------------
+
+TIMING = {"train/tokens_per_s"}  # wall-clock measurements differ between any two runs
+
+
+def records(run: Path) -> list[dict]:
+    """metrics.jsonl without wall-clock timings and without the monitor's free AP: the free AP sums
+    the training batches since the previous probe in memory only, so its first value after a resume
+    covers the batches since the resume (a limitation of HeadActivationMonitor's checkpoint state)."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [{k: v for k, v in row.items() if k not in TIMING and not k.startswith("heads_free/")} for row in rows]
+    return [row for row in rows if set(row) != {"step"}]
+
+
+def wandb_ids(run: Path) -> list[str]:
+    return sorted(p.name.rsplit("-", 1)[1] for p in (run / "wandb").glob("offline-run-*"))
+
+
+def test_kill_during_validation_then_resume_is_one_run_with_one_record_per_step(tmp_path, tiny_llama_dir):
+    """Killed during the validation after step 8 (the checkpoint of step 8 was written before it):
+    the resumed run validates step 8 again, metrics.jsonl holds the uninterrupted run's records, each
+    once, and W&B gets the same run id."""
+    options = dict(restricted=False, wandb=True, validate_every=4)
+    ref = tmp_path / "ref"
+    assert fit(tmp_path, "ref", tiny_llama_dir, ref, **options).returncode == 0
+    run = tmp_path / "run"
+    kill = "\n    - {class_path: test_resume.KillInValidation, init_args: {step: 8}}"
+    killed = fit(tmp_path, "killed", tiny_llama_dir, run, extra_callbacks=kill, **options)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 8
+    resumed = fit(tmp_path, "resumed", tiny_llama_dir, run, extra=["--ckpt_path", "last"], **options)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    expected = records(ref)
+    assert [r["step"] for r in expected if "val/loss" in r] == [3, 7]  # validations after steps 4 and 8
+    assert records(run) == expected
+    assert "the checkpoint was taken before step 8's validation; validating now" in resumed.stderr
+    assert torch.equal(final_weights(run)["model.lm_head.weight"], final_weights(ref)["model.lm_head.weight"])
+    ids = wandb_ids(run)
+    assert len(ids) == 2 and ids[0] == ids[1], ids  # two offline parts of one W&B run: `wandb sync` joins them
+
+
+def test_steps_replayed_after_a_resume_are_recorded_once(tmp_path, tiny_llama_dir):
+    """Killed at step 8 and resumed from the checkpoint of step 6: steps 6 and 7 run twice, but
+    metrics.jsonl (and the W&B run) hold each step once, with the uninterrupted run's values."""
+    options = dict(restricted=False, wandb=True)
+    ref = tmp_path / "ref"
+    assert fit(tmp_path, "ref", tiny_llama_dir, ref, **options).returncode == 0
+    run = tmp_path / "run"
+    killed = fit(tmp_path, "killed", tiny_llama_dir, run, kill_at=KILL_AT, **options)
+    assert killed.returncode == -signal.SIGKILL
+    assert [r["step"] for r in records(run) if "train/loss" in r][-1] == KILL_AT - 1  # steps 6, 7 were recorded
+    resumed = fit(tmp_path, "resumed", tiny_llama_dir, run, extra=["--ckpt_path", str(run / "checkpoints" / "epoch=0-step=6.ckpt")], **options)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["step"] for r in records(run) if "train/loss" in r] == list(range(MAX_STEPS))
+    assert records(run) == records(ref)
+
+
+# ---- what a resume may change ------------------------------------------------------------------------
+
+
+def in_process(tmp: Path, name: str, model_dir: Path, run: Path, *flags: str, capsys=None, **options) -> tuple[int, str]:
+    """`lit_heads fit` in this process (fast for refusals, which come before the model loads)."""
+    from lit_heads.cli import main
+
+    cfg = tmp / f"{name}.yaml"
+    cfg.write_text(config(model_dir, run, kill_at=None, version=0, **{"restricted": False, **options}))
+    try:
+        main(["fit", "--config", str(cfg), *flags])
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err if capsys else ""
+
+
+def run_files(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, tiny_llama_dir):
+    """A head-restricted run of 4 steps with W&B (offline) and a checkpoint per step."""
+    tmp = tmp_path_factory.mktemp("short")
+    run = tmp / "run"
+    (tmp / "short.yaml").write_text("trainer: {max_steps: 4}\n")
+    done = fit(tmp, "short", tiny_llama_dir, run, restricted=True, wandb=True, extra=["--config", str(tmp / "short.yaml")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run
+
+
+@pytest.mark.parametrize("ckpt", ["last", "file"])
+@pytest.mark.parametrize("change, flags, needle", [
+    ("model", ["--model.model", "OTHER"], "model.model: "),
+    ("batch size", ["--data.batch_size", "4"], "data.batch_size: 2 in the checkpoint, 4 now"),
+    ("data", ["--data.train", "generated:string"], "data.train: 'generated:arithmetic,code' in the checkpoint, 'generated:string' now"),
+    ("seed", ["--seed_everything", "8"], "seed_everything: 7 in the checkpoint, 8 now"),
+    ("learning rate", ["--model.optimizer.init_args.lr", "0.1"], "model.optimizer: torch.optim.AdamW(lr=0.003"),
+    ("head selection", ["TOP_K"], "head selection top_k: 3 in the checkpoint, 2 now"),
+])
+def test_a_resume_that_changes_what_cannot_change_is_refused_before_anything_loads(
+        change, flags, needle, ckpt, short_run, tmp_path, tiny_llama_dir, capsys, monkeypatch):
+    """The same for `--ckpt_path last` and the checkpoint file (Lightning replaced --model.model with
+    the checkpoint's for a file, and honoured it for `last`); the refusal names the difference and
+    leaves every file of the run as it was."""
+    from tiny_models import tiny_model
+
+    other = tmp_path / "other-model"
+    tiny_model("llama").save_pretrained(other)
+    top_k = 2 if flags == ["TOP_K"] else 3  # the config's HeadRestrictedFinetuning(top_k)
+    flags = [str(other) if f == "OTHER" else f for f in flags if f != "TOP_K"]
+    loads = []
+    monkeypatch.setattr("lit_heads.module.load_model", lambda *a, **k: loads.append(a) or pytest.fail("the model loaded"))
+    before = run_files(short_run)
+    path = "last" if ckpt == "last" else str(short_run / "checkpoints" / "last.ckpt")
+    code, err = in_process(tmp_path, "resume", tiny_llama_dir, short_run, *flags, "--ckpt_path", path, capsys=capsys,
+                           restricted=True, wandb=True, top_k=top_k)
+    assert code == 2, err[-2000:]
+    assert f"Cannot resume {short_run / 'checkpoints' / 'last.ckpt'}" in err and needle in err, err[-2000:]
+    assert run_files(short_run) == before
+
+
+
+def warmup_cosine(step: int, total: int, base: float = 3.0e-3, warmup: int = 2, floor: float = 0.1) -> float:
+    """The learning rate of optimizer step `step` (0-based) under linear warmup + cosine decay to
+    `floor * base` at `total` steps, written out independently of lit_heads.optim."""
+    import math
+
+    if step < warmup:
+        return base * (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / (total - warmup))
+    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def test_more_steps_on_resume_rederive_the_schedule_for_the_new_total(tmp_path, tiny_llama_dir):
+    """A run of 6 steps resumed with max_steps 10: from step 6 on, the learning rate follows the
+    warmup-cosine schedule of 10 steps (it used to stay at the 6-step schedule's floor)."""
+    run, lrs = tmp_path / "run", tmp_path / "lr.jsonl"
+    record = f"\n    - {{class_path: test_resume.RecordLR, init_args: {{path: {lrs}}}}}"
+    (tmp_path / "six.yaml").write_text("trainer: {max_steps: 6}\n")
+    first = fit(tmp_path, "first", tiny_llama_dir, run, restricted=False, extra_callbacks=record,
+                extra=["--config", str(tmp_path / "six.yaml")])
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = fit(tmp_path, "resumed", tiny_llama_dir, run, restricted=False, extra_callbacks=record, version=1,
+                  extra=["--ckpt_path", "last"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    used = {r["step"]: r["lr"] for r in map(json.loads, lrs.read_text().splitlines())}
+    assert sorted(used) == list(range(MAX_STEPS))
+    for step in range(6):
+        assert used[step] == pytest.approx(warmup_cosine(step, 6), rel=1e-12)
+    for step in range(6, MAX_STEPS):
+        assert used[step] == pytest.approx(warmup_cosine(step, MAX_STEPS), rel=1e-12), step
+    assert used[6] > 1.5 * warmup_cosine(6, 6)  # not the old schedule's floor
+    assert "trainer.max_steps 6 -> 10: the run continues from step 6" in resumed.stderr
+    assert "the warmup-cosine schedule is re-derived for 10 steps" in resumed.stderr
+
+
+# ---- --ckpt_path last with nothing to resume -----------------------------------------------------------
+
+
+def test_ckpt_path_last_without_a_checkpoint_is_an_error_and_last_or_new_starts_fresh(tmp_path, tiny_llama_dir, capsys):
+    run = tmp_path / "run"
+    code, err = in_process(tmp_path, "a", tiny_llama_dir, run, "--ckpt_path", "last", "--trainer.max_steps", "2", capsys=capsys)
+    assert code == 2
+    assert f"--ckpt_path last: there is no last*.ckpt in {run / 'checkpoints'}, so there is nothing to resume" in err
+    assert "last_or_new" in err and not (run / "checkpoints").exists()
+
+    code, err = in_process(tmp_path, "b", tiny_llama_dir, run, "--ckpt_path", "last_or_new", "--trainer.max_steps", "2", capsys=capsys)
+    assert code == 0, err[-2000:]
+    assert "--ckpt_path last_or_new: no last*.ckpt in" in err and "starting a new run" in err
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+
+    code, err = in_process(tmp_path, "c", tiny_llama_dir, run, "--ckpt_path", "last_or_new", "--trainer.max_steps", "3", capsys=capsys)
+    assert code == 0, err[-2000:]
+    assert f"resuming {run / 'checkpoints' / 'last.ckpt'} at step 2" in err
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+
+
+# ---- temps of killed writes, and one fit per run folder ------------------------------------------------
+
+
+def test_a_fit_removes_the_temps_that_killed_writes_left_in_its_run_folder(tmp_path, tiny_llama_dir):
+    run = tmp_path / "run"
+    kill = "\n    - {class_path: test_resume.KillInCheckpointWrite, init_args: {step: 3}}"
+    killed = fit(tmp_path, "killed", tiny_llama_dir, run, restricted=False, extra_callbacks=kill)
+    assert killed.returncode == -signal.SIGKILL
+    left = sorted(p.name for p in (run / "checkpoints").glob(".*.tmp"))
+    assert left == [n for n in left if n.startswith(".epoch=0-step=3.ckpt.")] and left  # .<name>.<pid>-<random>.tmp
+    export = subprocess.run([sys.executable, "-c", "import os, signal\nfrom lit_heads.atomic import atomic_dir\n"
+                             f"with atomic_dir({str(run / 'export')!r}) as tmp:\n"
+                             "    (tmp / 'model.safetensors').write_bytes(b'x' * 4096)\n"
+                             "    os.kill(os.getpid(), signal.SIGKILL)\n"], env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert export.returncode == -signal.SIGKILL and list(run.glob(".export.*.tmp"))
+
+    resumed = fit(tmp_path, "resumed", tiny_llama_dir, run, restricted=False, version=1, extra=["--ckpt_path", "last"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"removed {len(left) + 1} temporary file(s) of killed runs from {run}" in resumed.stderr
+    assert not list(run.rglob("*.tmp"))
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == MAX_STEPS
+
+
+def test_a_second_fit_into_a_busy_run_folder_is_refused_and_the_first_is_untouched(tmp_path, tiny_llama_dir, capsys):
+    run = tmp_path / "run"
+    started, release = tmp_path / "started", tmp_path / "release"
+    wait = f"\n    - {{class_path: test_resume.WaitAtTrainStart, init_args: {{started: {started}, release: {release}}}}}"
+    first = fit(tmp_path, "first", tiny_llama_dir, run, restricted=False, wandb=True, extra_callbacks=wait, popen=True)
+    try:
+        import time
+
+        deadline = time.monotonic() + 240
+        while not started.exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert started.exists(), first.communicate()[1][-3000:]
+        code, err = in_process(tmp_path, "second", tiny_llama_dir, run, capsys=capsys, wandb=True)
+        assert code == 2
+        assert f"Run folder {run} is in use by another lit_heads fit (pid {first.pid} on host" in err
+        assert "--trainer.default_root_dir" in err
+    finally:
+        release.write_text("go")
+        out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-3000:]
+    steps = [r["step"] for r in records(run) if "train/loss" in r]
+    assert steps == list(range(MAX_STEPS))  # the first fit's records only, each once
+    assert len(wandb_ids(run)) == 1
+    # The lock went with the first process: a third fit may use the folder.
+    code, err = in_process(tmp_path, "third", tiny_llama_dir, run, "--ckpt_path", "last", "--trainer.max_steps", "11",
+                           capsys=capsys, wandb=True)
+    assert code == 0, err[-2000:]
