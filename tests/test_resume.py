@@ -471,6 +471,7 @@ def short_run(tmp_path_factory, tiny_llama_dir):
     ("seed", ["--seed_everything", "8"], "seed_everything: 7 in the checkpoint, 8 now"),
     ("learning rate", ["--model.optimizer.init_args.lr", "0.1"], "model.optimizer: torch.optim.AdamW(lr=0.003"),
     ("head selection", ["TOP_K"], "head selection top_k: 3 in the checkpoint, 2 now"),
+    ("accumulation", ["--trainer.accumulate_grad_batches", "2"], "trainer.accumulate_grad_batches: 1 in the checkpoint, 2 now"),
 ])
 def test_a_resume_that_changes_what_cannot_change_is_refused_before_anything_loads(
         change, flags, needle, ckpt, short_run, tmp_path, tiny_llama_dir, capsys, monkeypatch):
@@ -600,3 +601,18 @@ def test_a_second_fit_into_a_busy_run_folder_is_refused_and_the_first_is_untouch
     code, err = in_process(tmp_path, "third", tiny_llama_dir, run, "--ckpt_path", "last", "--trainer.max_steps", "11",
                            capsys=capsys, wandb=True)
     assert code == 0, err[-2000:]
+
+
+def test_another_number_of_processes_is_refused_when_the_checkpoint_loads(tmp_path):
+    """The loader position is kept per process: resuming a 1-process checkpoint on 2 would skip samples."""
+    from types import SimpleNamespace
+
+    from lit_heads.checkpoint_io import RUN_RECORD, CheckpointSafety
+    from lit_heads.errors import ConfigError
+
+    trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"), world_size=2, accumulate_grad_batches=1, loggers=[])
+    checkpoint = {RUN_RECORD: {"world_size": 1, "accumulate_grad_batches": 1, "metrics": []}}
+    with pytest.raises(ConfigError, match="world_size 1 in the checkpoint, 2 now"):
+        CheckpointSafety().on_load_checkpoint(trainer, None, checkpoint)
+    trainer.world_size = 1
+    CheckpointSafety().on_load_checkpoint(trainer, None, checkpoint)  # the same setup resumes
