@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lit_heads.data.records import Example, check_format_name, record_to_example
+from lit_heads.data.records import Example, check_format_name, record_to_example, short_repr
 from lit_heads.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,9 @@ def _decode(path: Path) -> str:
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[Any, str]]:
-    for number, line in enumerate(_decode(path).splitlines(), start=1):
+    # Records end at "\n" only: str.splitlines() also splits on U+2028, U+0085 and other characters
+    # that valid JSON may hold raw inside a string. A "\r" before the "\n" is JSON whitespace.
+    for number, line in enumerate(_decode(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -56,7 +58,12 @@ def _read_json(path: Path) -> Iterator[tuple[Any, str]]:
         data = json.loads(_decode(path))
     except json.JSONDecodeError as err:
         raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno}). Fix the file.") from None
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
+    if isinstance(data, dict) and "data" in data:
+        if not isinstance(data["data"], list):
+            raise DataError(
+                f"{path}: the file's 'data' field must be a list of records, but it is "
+                f"{type(data['data']).__name__} ({short_repr(data['data'])}). Make 'data' a list: {{\"data\": [{{...}}, {{...}}]}}."
+            )
         data = data["data"]
     if not isinstance(data, list):
         shape = f"an object with keys {sorted(data)}" if isinstance(data, dict) else type(data).__name__
