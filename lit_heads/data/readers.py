@@ -95,6 +95,12 @@ def looks_like_hub_id(name: str) -> bool:
     return bool(_HUB_ID.match(name)) and not name.lower().endswith(_DATA_SUFFIXES)
 
 
+def is_hub_source(source: str | Path) -> bool:
+    """Whether `read_records` would load `source` from the hub (no local file or folder of that name)."""
+    path = Path(source).expanduser()
+    return not path.is_file() and not path.is_dir() and looks_like_hub_id(str(source))
+
+
 def _read_hub(name: str, split: str) -> Iterator[tuple[Any, str]]:
     import datasets
 
@@ -128,7 +134,7 @@ def read_records(source: str | Path, split: str = "train") -> list[tuple[Any, st
         return list(reader(path))
     if path.is_dir():
         raise DataError(f"{path} is a directory; give a data file ({', '.join(SUPPORTED_SUFFIXES)}) inside it.")
-    if looks_like_hub_id(str(source)):
+    if is_hub_source(source):
         return list(_read_hub(str(source), split))
     raise DataError(
         f"Data file {path} does not exist. Check the path (relative paths are resolved from {Path.cwd()}), "
