@@ -8,10 +8,10 @@ import math
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lit_heads.data import SFTDataModule
 from lit_heads.module import SFTModule
+from tiny_models import reference_losses
 
 DATA = dict(train_size=8, val_size=5, max_length=128, batch_size=2)
 
@@ -83,25 +83,6 @@ def test_gradient_checkpointing_engages_in_training(tiny_llama_dir):
     assert [s["layer_calls"] for s in probe.steps] == [2, 2]
 
 
-def token_weighted_and_batch_weighted(model_dir, loader) -> tuple[float, float]:
-    """The validation loss computed here, independently of the module: float64 sums of per-token
-    cross-entropy over the response tokens, and (for contrast) the mean of per-batch means."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    total, count, batch_means = 0.0, 0, []
-    with torch.no_grad():
-        for batch in loader:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
-            targets = batch["labels"][:, 1:]
-            losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="none")
-            mask = targets != -100
-            total += float(losses[mask].sum())
-            count += int(mask.sum())
-            batch_means.append(float(losses[mask].mean()))
-    return total / count, sum(batch_means) / len(batch_means)
-
-
 def test_validation_and_test_loss_are_token_weighted_over_the_whole_set_and_exp_is_ppl(tiny_llama_dir):
     dm = SFTDataModule(tokenizer=str(tiny_llama_dir), **DATA)  # 5 validation samples in batches of 2, 2, 1
     module = SFTModule(str(tiny_llama_dir), num_generate=0)
@@ -111,7 +92,7 @@ def test_validation_and_test_loss_are_token_weighted_over_the_whole_set_and_exp_
     dm.setup("fit")
     lengths = [int((b["labels"] != -100).sum()) for b in dm.val_dataloader()]
     assert len(set(lengths)) > 1, lengths  # uneven response tokens per batch
-    expected, batch_weighted = token_weighted_and_batch_weighted(tiny_llama_dir, dm.val_dataloader())
+    expected, batch_weighted = reference_losses(tiny_llama_dir, dm.val_dataloader())
     assert abs(expected - batch_weighted) > 1e-3  # the two definitions differ here; the test can tell them apart
     assert validated["val/loss"] == pytest.approx(expected, rel=1e-5)
     assert validated["val/ppl"] == pytest.approx(math.exp(validated["val/loss"]), rel=1e-6)
