@@ -52,6 +52,9 @@ class ResponseLoss(MeanMetric):
 
 
 class SFTModule(L.LightningModule):
+    # Read by Lightning's ThroughputMonitor, which warns when it is missing; unknown here, so no FLOPs/MFU.
+    flops_per_batch = None
+
     def __init__(
         self,
         model: str = DEFAULT_MODEL,
@@ -110,9 +113,6 @@ class SFTModule(L.LightningModule):
         loss = self.loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
-
-    # Read by Lightning's ThroughputMonitor, which warns when it is missing: not known here.
-    flops_per_batch = None
 
     # ---- validation and test ----------------------------------------------------------------
     def validation_step(self, batch, batch_idx):

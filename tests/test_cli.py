@@ -195,7 +195,9 @@ def test_sharegpt_data_without_answers_trains_and_reports_accuracy_as_not_applic
     assert any("val/loss" in m for m in metrics) and not any("val/acc" in m for m in metrics)
 
 
-@pytest.mark.parametrize("flags", [["--trainer.devices", "2", "--trainer.strategy", "ddp"], ["--trainer.precision", "bf16-mixed"]], ids=["ddp-cpu-2", "bf16-mixed"])
+# ddp: 5 validation samples in batches of 2 give the ranks 2 and 1 validation batches, each sample once.
+@pytest.mark.parametrize("flags", [["--trainer.devices", "2", "--trainer.strategy", "ddp", "--data.val_size", "5", "--data.batch_size", "2"],
+                                   ["--trainer.precision", "bf16-mixed"]], ids=["ddp-cpu-2", "bf16-mixed"])
 def test_trainer_flags_for_devices_and_precision(tiny_cfg, tmp_path, flags):
     result = run_cli("fit", *tiny_cfg, *flags, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
