@@ -59,6 +59,16 @@ class LitHeadsCLI(LightningCLI):
         # The data is tokenized with the model's own tokenizer; one name configures both.
         parser.link_arguments("model.model", "data.tokenizer")
 
+    def before_instantiate_classes(self) -> None:
+        # Before the logger (first) and the model are built: bad data fails in a second, before a
+        # model loads or a W&B run folder appears; the run folder's defaults are filled in.
+        from lit_heads.data.datamodule import check_data_sources
+        from lit_heads.run_folder import fill_run_folder
+
+        config = self.config[self.config.subcommand]
+        check_data_sources(config.data)
+        fill_run_folder(config.trainer)
+
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads --ckpt_path's hyper-parameters with torch.load before the Trainer (and
         # its CheckpointIO with clear errors) sees the file.
