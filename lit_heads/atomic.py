@@ -29,6 +29,7 @@ _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[a-z0-9_]{8}\.tmp$")
 # `.<name>-<random>` and `.<name>-old-<random>`.
 _LEGACY_FILE = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")
 _LEGACY_DIR = re.compile(r"^\.(?P<name>.+?)-(?:old-)?[a-z0-9_]{8}$")
+_MAX_DEPTH = 4  # folders below the run folder that remove_stale_temps looks in
 
 
 def _temp_prefix(target: Path) -> str:
@@ -149,13 +150,17 @@ def remove_stale_temps(folder: str | os.PathLike) -> dict[Path, int]:
     lit_heads process writes to (`lit_heads fit` holds the run lock). Returns what was removed, with
     the bytes it held."""
     removed = {}
+    top = len(Path(folder).parts)
     for root, dirs, files in os.walk(folder):
+        # Run outputs lie at most a few folders deep; never walk a W&B run, a .git or a .venv.
+        if len(Path(root).parts) - top >= _MAX_DEPTH:
+            dirs[:] = []
         for name in list(dirs):
             if _stale(name, is_dir=True, siblings=dirs):
                 path = Path(root, name)
                 removed[path] = sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
                 shutil.rmtree(path, ignore_errors=True)
-                dirs.remove(name)  # do not walk into it
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d != "wandb" and Path(root, d) not in removed]
         for name in files:
             if _stale(name, is_dir=False, siblings=dirs + files):
                 path = Path(root, name)

@@ -67,6 +67,18 @@ class LitHeadsCLI(LightningCLI):
         # The data is tokenized with the model's own tokenizer; one name configures both.
         parser.link_arguments("model.model", "data.tokenizer")
 
+    def before_instantiate_classes(self) -> None:
+        # Before the logger (first) and the model are built: bad data fails in a second, before a
+        # model loads or a W&B run folder appears; the run folder's defaults are filled in.
+        from lit_heads.data.datamodule import check_data_sources
+        from lit_heads.run_folder import fill_run_folder
+
+        config = self.config[self.config.subcommand]
+        check_data_sources(config.data)
+        fill_run_folder(config.trainer)
+        if self.subcommand == "fit":
+            self._prepare_fit()  # after fill_run_folder: it resolves `last` in the filled checkpoint folder
+
     def _parse_ckpt_path(self) -> None:
         if self.config.get("subcommand") == "fit":
             # LightningCLI would replace the model config with the checkpoint's hyper-parameters, for
@@ -80,10 +92,6 @@ class LitHeadsCLI(LightningCLI):
             from lit_heads.checkpoint_io import unreadable_checkpoint
 
             raise unreadable_checkpoint(self.config[self.config.subcommand].get("ckpt_path"), err) from err
-
-    def before_instantiate_classes(self) -> None:
-        if self.subcommand == "fit":
-            self._prepare_fit()
 
     def _prepare_fit(self) -> None:
         """Before the model loads: check the checkpoint to resume, then lock the run folders and

@@ -3,9 +3,10 @@
     lit_heads study --config configs/study.yaml               # default profile, <= 60 min on 2 CPU cores
     lit_heads study --config configs/study_quick.yaml         # CI profile, a few minutes
     lit_heads study --config configs/study.yaml --seeds '[0,1,2,3]' --output runs/study4
+    lit_heads study --config configs/study.yaml --device cuda  # on the first GPU (default: cpu)
 
 Writes report.md, results.json, figures/, patterns/ and mix/ under --output. Every option is a field
-of `lit_heads.analysis.study.StudyConfig`; `--print_config` shows them all.
+of `lit_heads.analysis.study.StudyConfig` (analysis/study/config.py); `--print_config` shows them all.
 """
 
 from __future__ import annotations

@@ -1,0 +1,190 @@
+"""The study's settings, checked before any model is loaded (configs/study.yaml is the default profile,
+configs/study_quick.yaml the CI one)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lit_heads.errors import ConfigError, DataError
+
+
+@dataclass
+class StudyConfig:
+    """The whole study's settings.
+
+    Args:
+        model: bundled short name, HF directory, .gguf file or hub id.
+        output: folder for report.md, results.json, figures/, patterns/ and mix/.
+        device: where the model trains, is scored and generates: 'cpu', 'cuda', 'cuda:N' or 'mps'.
+        seed: seed of data generation, Finding 1-3 training and the held-out split.
+        basic_tasks: generated basic tasks; those not in the complex task's components are controls.
+        complex_task: generated complex task (its components come from its task definition).
+        real_data: 'auto' (use the real tasks when `shared_data` exists), 'on' or 'off'.
+        shared_data: folder holding gsm8k/ and humaneval/ (see ../shared/data/README.md).
+        max_length: tokens per generated-task sample.
+        batch_size: SFT batch size.
+        lr: AdamW learning rate of full SFT (weight decay 0.01, warmup + cosine per training run).
+        warmup_steps: linear warmup steps of every training run.
+        ap_samples: held-out samples per task the pattern is measured on (two halves of this).
+        ap_batch_size: batch size of pattern scoring.
+        sft_steps: SFT steps per task for Findings 1-3 (one pass over sft_steps * batch_size samples).
+        top_k: k of the top-k head overlap (Jaccard) similarity.
+        track_every: record the complex task's pattern every this many steps of its SFT (Finding 3).
+        track_samples: held-out samples of that tracked pattern.
+        restricted_top_k: heads trained in the head-restricted arm (top by the complex task's ΔAP).
+        restricted_lr: learning rate of head-restricted SFT (few parameters train, so higher).
+        restricted_random: also train k random heads, the control for the top-k choice.
+        eval_samples: held-out complex-task samples whose greedy answers are graded.
+        max_new_tokens: generation budget per graded answer.
+        complex_train_size: the scarce complex-task training set of the application.
+        mix_steps: steps of the first (mix) stage of the application.
+        complex_steps: steps of the second (complex data) stage; complex-only SFT gets both budgets.
+        mix_size: basic-task samples in a mix; null = mix_steps * batch_size (one pass).
+        mix_method: fit whose α makes the mix: 'nnls' (α ≥ 0) or 'lstsq'.
+        mix_rule: what happens to negative α ('clip' drops them, 'abs' uses |α|); see analysis/mix.py.
+        seeds: seeds of the application's arms (spread over seeds is reported).
+        real_sft_steps: SFT steps per real task.
+        real_ap_samples: held-out samples per real task for its pattern.
+        real_max_length: tokens per real-task sample (longer responses are cut; longer prompts dropped).
+        real_train_size: real-task training samples loaded (GSM8K-as-Python rows are run in the sandbox).
+        sec_per_step: planning estimate of one SFT step at max_length (for the printed ETA).
+        sec_per_ap_sample: planning estimate of scoring one sample's pattern.
+        sec_per_gen_sample: planning estimate of generating and grading one answer.
+        progress_bar: show Lightning's progress bar while training.
+    """
+
+    model: str = "smollm2-135m"
+    output: str = "runs/study"
+    device: str = "cpu"
+    seed: int = 42
+    basic_tasks: list[str] = field(default_factory=lambda: ["arithmetic", "code", "string"])
+    complex_task: str = "math_code"
+    real_data: str = "auto"
+    shared_data: str = "../shared/data"
+    max_length: int = 160
+    batch_size: int = 4
+    lr: float = 3e-4
+    warmup_steps: int = 5
+    ap_samples: int = 32
+    ap_batch_size: int = 8
+    sft_steps: int = 40
+    top_k: int = 20
+    track_every: int = 5
+    track_samples: int = 16
+    restricted_top_k: int = 27
+    restricted_lr: float = 2e-3
+    restricted_random: bool = True
+    eval_samples: int = 32
+    max_new_tokens: int = 48
+    complex_train_size: int = 32
+    mix_steps: int = 25
+    complex_steps: int = 25
+    mix_size: int | None = None
+    mix_method: str = "nnls"
+    mix_rule: str = "clip"
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    real_sft_steps: int = 12
+    real_ap_samples: int = 16
+    real_max_length: int = 320
+    real_train_size: int = 64
+    sec_per_step: float = 3.0
+    sec_per_ap_sample: float = 0.4
+    sec_per_gen_sample: float = 0.5
+    progress_bar: bool = True
+
+    def validate(self) -> "StudyConfig":
+        from lit_heads.analysis.compose import METHODS
+        from lit_heads.analysis.mix import RULES
+        from lit_heads.data.tasks import get_task
+
+        resolve_device(self.device)
+        complex_spec = get_task(self.complex_task)
+        if complex_spec.kind != "complex":
+            raise ConfigError(
+                f"complex_task {self.complex_task!r} is a {complex_spec.kind} task; use a complex one (math_code)."
+            )
+        for name in self.basic_tasks:
+            if get_task(name).kind != "basic":
+                raise ConfigError(f"basic_tasks lists {name!r}, which is not a basic task.")
+        missing = [c for c in complex_spec.components if c not in self.basic_tasks]
+        if missing:
+            raise ConfigError(
+                f"{self.complex_task} is made of {list(complex_spec.components)}, but basic_tasks {self.basic_tasks} "
+                f"lacks {missing}; the composition needs every component."
+            )
+        if self.real_data not in ("auto", "on", "off"):
+            raise ConfigError(f"real_data={self.real_data!r}; use 'auto', 'on' or 'off'.")
+        if self.mix_method not in METHODS or self.mix_rule not in RULES:
+            raise ConfigError(
+                f"mix_method must be one of {METHODS} and mix_rule one of {RULES}; "
+                f"got {self.mix_method!r}, {self.mix_rule!r}."
+            )
+        if not self.seeds:
+            raise ConfigError("seeds is empty; the application needs at least one seed (three for a spread).")
+        counts = dict(ap_samples=self.ap_samples, track_samples=self.track_samples,
+                      real_ap_samples=self.real_ap_samples)
+        small = {k: v for k, v in counts.items() if v < 2}
+        if small:
+            raise ConfigError(f"{small}: a pattern needs at least 2 samples (two disjoint halves).")
+        positive = dict(sft_steps=self.sft_steps, mix_steps=self.mix_steps, complex_steps=self.complex_steps,
+                        eval_samples=self.eval_samples, complex_train_size=self.complex_train_size,
+                        batch_size=self.batch_size, track_every=self.track_every, real_sft_steps=self.real_sft_steps)
+        bad = {k: v for k, v in positive.items() if v < 1}
+        if bad:
+            raise ConfigError(f"{bad}: these must be >= 1.")
+        return self
+
+    @property
+    def components(self) -> list[str]:
+        from lit_heads.data.tasks import get_task
+
+        return list(get_task(self.complex_task).components)
+
+    @property
+    def controls(self) -> list[str]:
+        return [t for t in self.basic_tasks if t not in self.components]
+
+    @property
+    def n_mix(self) -> int:
+        return self.mix_size if self.mix_size is not None else self.mix_steps * self.batch_size
+
+    def use_real(self) -> bool:
+        root = Path(self.shared_data)
+        present = (root / "gsm8k" / "train.jsonl").is_file() and (root / "humaneval" / "HumanEval.jsonl").is_file()
+        if self.real_data == "on" and not present:
+            raise DataError(
+                f"real_data: on, but {self.shared_data} has no gsm8k/train.jsonl and humaneval/HumanEval.jsonl; "
+                "set real_data: auto or off."
+            )
+        return self.real_data == "on" or (self.real_data == "auto" and present)
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device `name` stands for, refused before any model loads when this machine lacks it.
+    A bare 'cuda' means the first GPU, so training, scoring and generation all use the same one."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as err:
+        raise ConfigError(f"device={name!r} is not a device name; use 'cpu', 'cuda', 'cuda:N' or 'mps'.") from err
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(
+                f"device={name!r}, but CUDA is not available here (torch {torch.__version__}, "
+                f"CUDA build {torch.version.cuda or 'none'}); use device: cpu, or run on a machine with a GPU."
+            )
+        index = device.index or 0
+        if index >= count:
+            raise ConfigError(f"device={name!r}, but this machine has {count} CUDA device(s): "
+                              f"use one of cuda:0 to cuda:{count - 1}, or cpu.")
+        return torch.device("cuda", index)
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"device={name!r}, but MPS (Apple GPU) is not available here; use device: cpu.")
+        return device
+    raise ConfigError(f"device={name!r}: the study runs on 'cpu', 'cuda', 'cuda:N' or 'mps'.")

@@ -1,0 +1,85 @@
+"""The study's tasks, each split once into a train part and a held-out part, and the one rule for
+which held-out samples a pattern is measured on."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from lit_heads.analysis.study.config import StudyConfig
+from lit_heads.data.records import Example
+from lit_heads.errors import DataError
+
+REAL_COMPONENTS = ("gsm8k", "humaneval")
+
+
+@dataclass
+class Task:
+    name: str
+    kind: str  # basic | complex
+    train: list[Example]
+    heldout: list[Example]
+
+
+def probe(tasks: dict[str, Task], name: str, n: int) -> list[Example]:
+    """The samples on which the pattern of a model trained on task `name` (or of the base model, for that
+    task) is measured: the first n of the task's own held-out part. Every pattern measurement asks here,
+    so measuring on another probe set is a change of this function alone."""
+    return tasks[name].heldout[:n]
+
+
+def generated_tasks(cfg: StudyConfig) -> dict[str, Task]:
+    """Each generated task's stream: the first samples are held out (patterns, grading), the rest train
+    (Finding 1 SFT, the mix pools, the scarce complex set), so the two never share a prompt."""
+    from lit_heads.data import generate_task, get_task
+
+    n_heldout = max(cfg.ap_samples, cfg.eval_samples, cfg.track_samples)
+    n_train = max(cfg.sft_steps * cfg.batch_size, cfg.n_mix, cfg.complex_train_size)
+    tasks = {}
+    for name in [*cfg.basic_tasks, cfg.complex_task]:
+        examples = generate_task(name, n_heldout + n_train, cfg.seed)
+        tasks[name] = Task(name, get_task(name).kind, examples[n_heldout:], examples[:n_heldout])
+    return tasks
+
+
+def real_tasks(cfg: StudyConfig, encoder) -> dict[str, Task]:
+    """GSM8K (math), HumanEval (code) and GSM8K-as-Python (their composite), each with a train part and
+    a held-out part (GSM8K: train/test files; HumanEval: a seeded half/half split of its 164 problems).
+    Samples whose prompt leaves under 32 tokens of room at real_max_length are dropped, not cut."""
+    from lit_heads.data import load_examples
+    from lit_heads.data.gsm8k_python import load_gsm8k_python, load_humaneval
+
+    root = Path(cfg.shared_data)
+    need_train, need_heldout = cfg.real_train_size, cfg.real_ap_samples
+
+    def fits(examples: list[Example]) -> list[Example]:
+        return [e for e in examples if len(encoder.prompt_ids(e)) <= cfg.real_max_length - 32]
+
+    def take(examples: list[Example], n: int, what: str) -> list[Example]:
+        kept = fits(examples)
+        if len(kept) < n:
+            raise DataError(f"{what}: only {len(kept)} samples fit real_max_length={cfg.real_max_length}, {n} needed; "
+                            "raise real_max_length.")
+        return kept[:n]
+
+    # The composite reads the first rows of each GSM8K file (about 90% rewrite into programs) and the
+    # math task the rows after them, so the two never share a question.
+    py_rows_train, py_rows_test = 3 * need_train, 3 * need_heldout
+    py_train, _ = load_gsm8k_python(root / "gsm8k" / "train.jsonl", limit=py_rows_train)
+    py_test, _ = load_gsm8k_python(root / "gsm8k" / "test.jsonl", limit=py_rows_test)
+    rng = random.Random(cfg.seed)
+    gsm_train = load_examples(root / "gsm8k" / "train.jsonl")[py_rows_train:]
+    gsm_test = load_examples(root / "gsm8k" / "test.jsonl")[py_rows_test:]
+    rng.shuffle(gsm_train)
+    humaneval = load_humaneval(root / "humaneval" / "HumanEval.jsonl")
+    rng.shuffle(humaneval)
+    half = len(humaneval) // 2
+    return {
+        "gsm8k": Task("gsm8k", "basic", take(gsm_train, need_train, "gsm8k train"),
+                      take(gsm_test, need_heldout, "gsm8k test")),
+        "humaneval": Task("humaneval", "basic", take(humaneval[half:], need_train, "humaneval train"),
+                          take(humaneval[:half], need_heldout, "humaneval held-out")),
+        "gsm8k_python": Task("gsm8k_python", "complex", take(py_train, need_train, "GSM8K-as-Python train"),
+                             take(py_test, need_heldout, "GSM8K-as-Python test")),
+    }
