@@ -51,7 +51,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lit_heads.atomic import atomic_write
 from lit_heads.errors import ConfigError, ModelError
-from lit_heads.models import checkpoint_is_a_directory, unreadable_checkpoint
+from lit_heads.models import checkpoint_is_a_directory, checkpoint_missing, unreadable_checkpoint
 
 __all__ = ["AtomicCheckpointIO", "CheckpointSafety", "RUN_RECORD", "unreadable_checkpoint"]
 
@@ -85,14 +85,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if local and Path(path).is_dir():
             raise ModelError(checkpoint_is_a_directory(path))
         if local and not Path(path).is_file():
-            folder = Path(path).parent
-            found = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
-            hint = f" Checkpoints in {folder}: {', '.join(found[:8])}." if found else ""
-            raise ModelError(
-                f"Checkpoint {path} does not exist, so there is nothing to resume from.{hint} Give an existing "
-                f".ckpt written by `lit_heads fit` (or `--ckpt_path last` for the newest last*.ckpt of the "
-                f"ModelCheckpoint folder), or drop --ckpt_path to start a new run."
-            )
+            raise ModelError(checkpoint_missing(path))
         try:
             checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         except Exception as err:  # torch raises RuntimeError/EOFError/UnpicklingError... for a bad file

@@ -105,7 +105,7 @@ class LitHeadsCLI(LightningCLI):
         requested = config.get("ckpt_path")
         path, note = resolve_ckpt_path(requested, dirs)
         resume = None
-        if path is not None and path.is_file():  # a missing file is named by the Trainer's checkpoint IO
+        if path is not None and path.is_file():
             resume = Resume(path, read_checkpoint(path)).compare(config)
             resume.raise_if_refused()
         if launching_process():

@@ -116,6 +116,15 @@ def unreadable_checkpoint(path, err: BaseException) -> ModelError:
     )
 
 
+def checkpoint_missing(path) -> str:
+    folder = Path(path).parent
+    found = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
+    hint = f" Checkpoints in {folder}: {', '.join(found[:8])}." if found else ""
+    return (f"Checkpoint {path} does not exist, so there is nothing to resume from.{hint} Give an existing "
+            f".ckpt written by `lit_heads fit` (or `--ckpt_path last` for the newest last*.ckpt of the "
+            f"ModelCheckpoint folder), or drop --ckpt_path to start a new run.")
+
+
 def checkpoint_is_a_directory(path) -> str:
     found = sorted(p.name for p in Path(path).glob("*.ckpt"))
     listed = f"The checkpoints in it: {', '.join(found[:10])}{' ...' if len(found) > 10 else ''}." if found else "It holds no .ckpt file."

@@ -54,15 +54,19 @@ def resolve_ckpt_path(value: str | None, dirs: list[Path]) -> tuple[Path | None,
     """(checkpoint file or None, a note to print). `last` without a checkpoint is an error;
     `last_or_new` starts a new run. Lightning's own special values (best, hpc, registry) are not
     handled here (None, None)."""
-    from lit_heads.models import checkpoint_is_a_directory
+    from lit_heads.models import checkpoint_is_a_directory, checkpoint_missing
 
     if value is None or value in _LIGHTNING_SPECIAL or str(value).startswith("registry"):
         return None, None
     if value not in (LAST, LAST_OR_NEW):
         path = Path(value)
+        if "://" in str(value):
+            return path, None  # a remote checkpoint: Lightning's fsspec IO reads it
         if path.is_dir():
             raise ConfigError(checkpoint_is_a_directory(path))
-        return path, None  # a missing or unreadable file is reported by the checkpoint IO, as before
+        if not path.is_file():
+            raise ConfigError(checkpoint_missing(path))
+        return path, None
     if not dirs:
         raise ConfigError(
             f"--ckpt_path {value} resumes from the newest last*.ckpt of the run's ModelCheckpoint folder, but "
@@ -124,6 +128,7 @@ class Resume:
         return self
 
     def _section(self, section: str, saved: dict, now: dict, may_change: set[str]) -> None:
+        # Keys of one side only are options of another lit_heads (or torch) version: not compared.
         for key in sorted(saved.keys() & now.keys()):
             if key.startswith("_") or key in may_change or _same(key, saved[key], now[key]):
                 continue
@@ -167,6 +172,10 @@ def _plain(value) -> Any:
 def _same(key: str, saved, now) -> bool:
     if saved == now:
         return True
+    if isinstance(saved, dict) and isinstance(now, dict) and "class_path" in saved and "class_path" in now:
+        # An optimizer or schedule: the same class with the same values of the arguments both know.
+        a, b = saved.get("init_args") or {}, now.get("init_args") or {}
+        return saved["class_path"] == now["class_path"] and all(_same(k, a[k], b[k]) for k in a.keys() & b.keys())
     if isinstance(saved, str) and isinstance(now, str):
         if key in ("model", "tokenizer"):
             from lit_heads.models import same_model

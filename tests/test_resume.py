@@ -616,3 +616,31 @@ def test_another_number_of_processes_is_refused_when_the_checkpoint_loads(tmp_pa
         CheckpointSafety().on_load_checkpoint(trainer, None, checkpoint)
     trainer.world_size = 1
     CheckpointSafety().on_load_checkpoint(trainer, None, checkpoint)  # the same setup resumes
+
+
+def test_a_missing_checkpoint_file_is_refused_before_the_model_loads(tmp_path, tiny_llama_dir, capsys, monkeypatch):
+    monkeypatch.setattr("lit_heads.module.load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "epoch=0-step=3.ckpt").write_bytes(b"x")
+    code, err = in_process(tmp_path, "a", tiny_llama_dir, tmp_path / "run", "--ckpt_path",
+                           str(tmp_path / "run" / "checkpoints" / "last.ckpt"), capsys=capsys)
+    assert code == 2
+    assert "last.ckpt does not exist, so there is nothing to resume from" in err and "epoch=0-step=3.ckpt" in err
+
+
+def test_options_only_one_side_knows_are_not_compared():
+    """A checkpoint of another version may record optimizer or data options this one does not have
+    (or lack new ones): only the options both know are compared."""
+    from jsonargparse import Namespace
+
+    from lit_heads.resume import Resume
+
+    def fit_config(lr, **data):
+        return Namespace(model=Namespace(model="m", optimizer=Namespace(class_path="torch.optim.AdamW", init_args=Namespace(lr=lr))),
+                         data=Namespace(batch_size=2, **data), trainer=Namespace(max_steps=10), seed_everything=None)
+
+    saved = {"hyper_parameters": {"model": "m", "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.1, "new_flag": True}}},
+             "datamodule_hyper_parameters": {"batch_size": 2, "old_option": 1}}
+    assert Resume(Path("c.ckpt"), saved).compare(fit_config(0.1, newer_option=3)).refused == []
+    refused = Resume(Path("c.ckpt"), saved).compare(fit_config(0.2)).refused
+    assert refused == ["model.optimizer: torch.optim.AdamW(lr=0.1, new_flag=True) in the checkpoint, torch.optim.AdamW(lr=0.2) now"]
