@@ -169,7 +169,8 @@ class CheckpointSafety(L.Callback):
             "max_steps": trainer.max_steps,
             "stepping_batches": self._stepping_batches,
             "wandb_run_id": next((lg.run_id for lg in trainer.loggers if getattr(lg, "run_id", None)), None),
-            "metrics": [{**lg.mirror_mark(), "keep_records": keep} for lg in trainer.loggers if hasattr(lg, "mirror_mark")],
+            "metrics": [{**lg.mirror_mark(), "keep_records": keep}
+                        for lg in trainer.loggers if hasattr(lg, "mirror_mark")],
         }
 
     # ---- resume -----------------------------------------------------------------------------------
@@ -237,7 +238,8 @@ def _redo_interrupted_validation(trainer) -> None:
         return
     if not epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
         return
-    rank_zero_info(f"lit_heads: the checkpoint was taken before step {trainer.global_step}'s validation; validating now.")
+    rank_zero_info(f"lit_heads: the checkpoint was taken before step {trainer.global_step}'s validation; "
+                   "validating now.")
     val_loop = epoch_loop.val_loop
     val_loop.restarting = False  # a whole validation pass, as in the uninterrupted run
     trainer.validating = True

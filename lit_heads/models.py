@@ -127,7 +127,8 @@ def checkpoint_missing(path) -> str:
 
 def checkpoint_is_a_directory(path) -> str:
     found = sorted(p.name for p in Path(path).glob("*.ckpt"))
-    listed = f"The checkpoints in it: {', '.join(found[:10])}{' ...' if len(found) > 10 else ''}." if found else "It holds no .ckpt file."
+    more = " ..." if len(found) > 10 else ""
+    listed = f"The checkpoints in it: {', '.join(found[:10])}{more}." if found else "It holds no .ckpt file."
     return (f"Checkpoint {path} is a directory, not a checkpoint file. {listed} Give one .ckpt file "
             f"(e.g. {Path(path) / (found[0] if found else 'last.ckpt')}), or `last` for the newest last*.ckpt "
             "of the run's ModelCheckpoint folder.")

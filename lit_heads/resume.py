@@ -113,7 +113,8 @@ class Resume:
         trainer = fit_config.trainer
         for name, saved, now in (
             ("seed_everything", self.record.get("seed"), _seed(fit_config.get("seed_everything"))),
-            ("trainer.accumulate_grad_batches", self.record.get("accumulate_grad_batches"), trainer.get("accumulate_grad_batches")),
+            ("trainer.accumulate_grad_batches", self.record.get("accumulate_grad_batches"),
+             trainer.get("accumulate_grad_batches")),
         ):
             if saved is not None and saved != now:
                 self.refused.append(f"{name}: {saved!r} in the checkpoint, {now!r} now")

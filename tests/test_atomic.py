@@ -101,7 +101,8 @@ def test_atomic_dir_replaces_an_existing_folder_without_a_moment_where_it_is_mis
     exchanged = []
     real_exchange = getattr(atomic, "_rename_exchange", None)
     if real_exchange is not None:
-        monkeypatch.setattr(atomic, "_rename_exchange", lambda a, b: exchanged.append(real_exchange(a, b)) or exchanged[-1])
+        monkeypatch.setattr(atomic, "_rename_exchange",
+                            lambda a, b: exchanged.append(real_exchange(a, b)) or exchanged[-1])
     with atomic_dir(target) as tmp:
         (tmp / "config.json").write_text("new")
     if exchanged == [False]:

@@ -245,7 +245,8 @@ def test_callback_and_select_heads_share_one_check_of_the_options(kwargs, tmp_pa
     save_head_list("h.json", [(0, 1)])
     with pytest.raises(ConfigError) as from_select:
         listed = {"heads": [(0, 1)]} if "heads" in kwargs else {}
-        select_heads(kwargs["strategy"], 2, 4, **{k: v for k, v in kwargs.items() if k not in ("strategy", "heads")}, **listed)
+        options = {k: v for k, v in kwargs.items() if k not in ("strategy", "heads")}
+        select_heads(kwargs["strategy"], 2, 4, **options, **listed)
     with pytest.raises(ConfigError) as from_callback:
         HeadRestrictedFinetuning(**kwargs)
     assert str(from_callback.value) == f"HeadRestrictedFinetuning: {from_select.value}"

@@ -69,7 +69,8 @@ def test_the_script_decides_for_the_python_that_runs_it(managed, tmp_path):
     assert target(BASE_PYTHON, tmp_path).startswith("active ")
     venv = tmp_path / "venv"
     subprocess.run([str(BASE_PYTHON), "-m", "venv", "--without-pip", str(venv)], check=True)
-    assert target(venv / "bin" / "python", managed).startswith(f"active {venv / 'bin' / 'python'} runs in the virtual environment")
+    in_venv = target(venv / "bin" / "python", managed)
+    assert in_venv.startswith(f"active {venv / 'bin' / 'python'} runs in the virtual environment")
 
 
 def install(repo: Path, *args: str, stdlib: Path | None, shell: str | None = None) -> subprocess.CompletedProcess:
@@ -104,7 +105,8 @@ def test_install_sh_elsewhere_installs_into_the_active_python(repo, tmp_path):
 def test_sourcing_install_sh_makes_the_readme_commands_find_the_venv(repo, managed):
     """`source scripts/install.sh test && python3 -m pytest -q`: after sourcing, python3 (and
     lit_heads, which pip puts next to it) is the one in .venv, which also sees the system's packages."""
-    subprocess.run([str(BASE_PYTHON), "-m", "venv", "--system-site-packages", "--without-pip", str(repo / ".venv")], check=True)
+    subprocess.run([str(BASE_PYTHON), "-m", "venv", "--system-site-packages", "--without-pip", str(repo / ".venv")],
+                   check=True)
     shell = ('set -euo pipefail; source scripts/install.sh test && '
              'python3 -c "import sys; print(sys.prefix)" && echo "PATH0=${PATH%%:*}"')
     result = install(repo, stdlib=managed, shell=shell)

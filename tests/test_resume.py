@@ -118,9 +118,10 @@ def config(model_dir: Path, run: Path, *, restricted: bool, kill_at: int | None,
       init_args: {{step: {kill_at}}}"""
     callbacks += extra_callbacks
     logger = (f"{{class_path: lit_heads.loggers.WandbLogger, init_args: {{save_dir: {run}, name: t}}}}" if wandb else
-              f"{{class_path: lightning.pytorch.loggers.CSVLogger, init_args: {{save_dir: {run}, name: logs, version: {version}}}}}")
-    validation = (f"limit_val_batches: null\n      val_check_interval: {validate_every}\n      check_val_every_n_epoch: null"
-                  if validate_every else "limit_val_batches: 0")
+              f"{{class_path: lightning.pytorch.loggers.CSVLogger, "
+              f"init_args: {{save_dir: {run}, name: logs, version: {version}}}}}")
+    validation = (f"limit_val_batches: null\n      val_check_interval: {validate_every}\n"
+                  "      check_val_every_n_epoch: null" if validate_every else "limit_val_batches: 0")
     return textwrap.dedent(f"""
     seed_everything: 7
     model:
@@ -425,7 +426,8 @@ def test_steps_replayed_after_a_resume_are_recorded_once(tmp_path, tiny_llama_di
     killed = fit(tmp_path, "killed", tiny_llama_dir, run, kill_at=KILL_AT, **options)
     assert killed.returncode == -signal.SIGKILL
     assert [r["step"] for r in records(run) if "train/loss" in r][-1] == KILL_AT - 1  # steps 6, 7 were recorded
-    resumed = fit(tmp_path, "resumed", tiny_llama_dir, run, extra=["--ckpt_path", str(run / "checkpoints" / "epoch=0-step=6.ckpt")], **options)
+    step6 = str(run / "checkpoints" / "epoch=0-step=6.ckpt")
+    resumed = fit(tmp_path, "resumed", tiny_llama_dir, run, extra=["--ckpt_path", step6], **options)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [r["step"] for r in records(run) if "train/loss" in r] == list(range(MAX_STEPS))
     assert records(run) == records(ref)
@@ -434,7 +436,8 @@ def test_steps_replayed_after_a_resume_are_recorded_once(tmp_path, tiny_llama_di
 # ---- what a resume may change ------------------------------------------------------------------------
 
 
-def in_process(tmp: Path, name: str, model_dir: Path, run: Path, *flags: str, capsys=None, **options) -> tuple[int, str]:
+def in_process(tmp: Path, name: str, model_dir: Path, run: Path, *flags: str, capsys=None,
+               **options) -> tuple[int, str]:
     """`lit_heads fit` in this process (fast for refusals, which come before the model loads)."""
     from lit_heads.cli import main
 
@@ -458,7 +461,8 @@ def short_run(tmp_path_factory, tiny_llama_dir):
     tmp = tmp_path_factory.mktemp("short")
     run = tmp / "run"
     (tmp / "short.yaml").write_text("trainer: {max_steps: 4}\n")
-    done = fit(tmp, "short", tiny_llama_dir, run, restricted=True, wandb=True, extra=["--config", str(tmp / "short.yaml")])
+    done = fit(tmp, "short", tiny_llama_dir, run, restricted=True, wandb=True,
+               extra=["--config", str(tmp / "short.yaml")])
     assert done.returncode == 0, done.stderr[-3000:]
     return run
 
@@ -467,11 +471,13 @@ def short_run(tmp_path_factory, tiny_llama_dir):
 @pytest.mark.parametrize("change, flags, needle", [
     ("model", ["--model.model", "OTHER"], "model.model: "),
     ("batch size", ["--data.batch_size", "4"], "data.batch_size: 2 in the checkpoint, 4 now"),
-    ("data", ["--data.train", "generated:string"], "data.train: 'generated:arithmetic,code' in the checkpoint, 'generated:string' now"),
+    ("data", ["--data.train", "generated:string"],
+     "data.train: 'generated:arithmetic,code' in the checkpoint, 'generated:string' now"),
     ("seed", ["--seed_everything", "8"], "seed_everything: 7 in the checkpoint, 8 now"),
     ("learning rate", ["--model.optimizer.init_args.lr", "0.1"], "model.optimizer: torch.optim.AdamW(lr=0.003"),
     ("head selection", ["TOP_K"], "head selection top_k: 3 in the checkpoint, 2 now"),
-    ("accumulation", ["--trainer.accumulate_grad_batches", "2"], "trainer.accumulate_grad_batches: 1 in the checkpoint, 2 now"),
+    ("accumulation", ["--trainer.accumulate_grad_batches", "2"],
+     "trainer.accumulate_grad_batches: 1 in the checkpoint, 2 now"),
 ])
 def test_a_resume_that_changes_what_cannot_change_is_refused_before_anything_loads(
         change, flags, needle, ckpt, short_run, tmp_path, tiny_llama_dir, capsys, monkeypatch):
@@ -485,7 +491,8 @@ def test_a_resume_that_changes_what_cannot_change_is_refused_before_anything_loa
     top_k = 2 if flags == ["TOP_K"] else 3  # the config's HeadRestrictedFinetuning(top_k)
     flags = [str(other) if f == "OTHER" else f for f in flags if f != "TOP_K"]
     loads = []
-    monkeypatch.setattr("lit_heads.module.load_model", lambda *a, **k: loads.append(a) or pytest.fail("the model loaded"))
+    monkeypatch.setattr("lit_heads.module.load_model",
+                        lambda *a, **k: loads.append(a) or pytest.fail("the model loaded"))
     before = run_files(short_run)
     path = "last" if ckpt == "last" else str(short_run / "checkpoints" / "last.ckpt")
     code, err = in_process(tmp_path, "resume", tiny_llama_dir, short_run, *flags, "--ckpt_path", path, capsys=capsys,
@@ -535,17 +542,20 @@ def test_more_steps_on_resume_rederive_the_schedule_for_the_new_total(tmp_path, 
 
 def test_ckpt_path_last_without_a_checkpoint_is_an_error_and_last_or_new_starts_fresh(tmp_path, tiny_llama_dir, capsys):
     run = tmp_path / "run"
-    code, err = in_process(tmp_path, "a", tiny_llama_dir, run, "--ckpt_path", "last", "--trainer.max_steps", "2", capsys=capsys)
+    code, err = in_process(tmp_path, "a", tiny_llama_dir, run, "--ckpt_path", "last", "--trainer.max_steps", "2",
+                           capsys=capsys)
     assert code == 2
     assert f"--ckpt_path last: there is no last*.ckpt in {run / 'checkpoints'}, so there is nothing to resume" in err
     assert "last_or_new" in err and not (run / "checkpoints").exists()
 
-    code, err = in_process(tmp_path, "b", tiny_llama_dir, run, "--ckpt_path", "last_or_new", "--trainer.max_steps", "2", capsys=capsys)
+    code, err = in_process(tmp_path, "b", tiny_llama_dir, run, "--ckpt_path", "last_or_new", "--trainer.max_steps", "2",
+                           capsys=capsys)
     assert code == 0, err[-2000:]
     assert "--ckpt_path last_or_new: no last*.ckpt in" in err and "starting a new run" in err
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
 
-    code, err = in_process(tmp_path, "c", tiny_llama_dir, run, "--ckpt_path", "last_or_new", "--trainer.max_steps", "3", capsys=capsys)
+    code, err = in_process(tmp_path, "c", tiny_llama_dir, run, "--ckpt_path", "last_or_new", "--trainer.max_steps", "3",
+                           capsys=capsys)
     assert code == 0, err[-2000:]
     assert f"resuming {run / 'checkpoints' / 'last.ckpt'} at step 2" in err
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
@@ -577,7 +587,8 @@ def test_a_fit_removes_the_temps_that_killed_writes_left_in_its_run_folder(tmp_p
 def test_a_second_fit_into_a_busy_run_folder_is_refused_and_the_first_is_untouched(tmp_path, tiny_llama_dir, capsys):
     run = tmp_path / "run"
     started, release = tmp_path / "started", tmp_path / "release"
-    wait = f"\n    - {{class_path: test_resume.WaitAtTrainStart, init_args: {{started: {started}, release: {release}}}}}"
+    wait = (f"\n    - {{class_path: test_resume.WaitAtTrainStart, "
+            f"init_args: {{started: {started}, release: {release}}}}}")
     first = fit(tmp_path, "first", tiny_llama_dir, run, restricted=False, wandb=True, extra_callbacks=wait, popen=True)
     try:
         import time
@@ -636,11 +647,14 @@ def test_options_only_one_side_knows_are_not_compared():
     from lit_heads.resume import Resume
 
     def fit_config(lr, **data):
-        return Namespace(model=Namespace(model="m", optimizer=Namespace(class_path="torch.optim.AdamW", init_args=Namespace(lr=lr))),
+        optimizer = Namespace(class_path="torch.optim.AdamW", init_args=Namespace(lr=lr))
+        return Namespace(model=Namespace(model="m", optimizer=optimizer),
                          data=Namespace(batch_size=2, **data), trainer=Namespace(max_steps=10), seed_everything=None)
 
-    saved = {"hyper_parameters": {"model": "m", "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.1, "new_flag": True}}},
+    optimizer = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.1, "new_flag": True}}
+    saved = {"hyper_parameters": {"model": "m", "optimizer": optimizer},
              "datamodule_hyper_parameters": {"batch_size": 2, "old_option": 1}}
     assert Resume(Path("c.ckpt"), saved).compare(fit_config(0.1, newer_option=3)).refused == []
     refused = Resume(Path("c.ckpt"), saved).compare(fit_config(0.2)).refused
-    assert refused == ["model.optimizer: torch.optim.AdamW(lr=0.1, new_flag=True) in the checkpoint, torch.optim.AdamW(lr=0.2) now"]
+    assert refused == ["model.optimizer: torch.optim.AdamW(lr=0.1, new_flag=True) in the checkpoint, "
+                       "torch.optim.AdamW(lr=0.2) now"]

@@ -104,7 +104,8 @@ class HeadRestrictedFinetuning(L.Callback):
         if strategy != "list" and heads is None and top_k is None and fraction is None:
             fraction = DEFAULT_FRACTION
         # The count's upper bound needs the model: it is checked again in setup, before any scoring.
-        top_k, fraction = _checked(check_selection_options, strategy, top_k=top_k, fraction=fraction, has_heads=heads is not None)
+        top_k, fraction = _checked(check_selection_options, strategy, top_k=top_k, fraction=fraction,
+                                   has_heads=heads is not None)
         if scores is not None and strategy not in ("top", "bottom"):
             raise ConfigError(
                 f"HeadRestrictedFinetuning: `scores` ranks heads for strategy top/bottom, but strategy is "
@@ -256,7 +257,8 @@ class HeadRestrictedFinetuning(L.Callback):
         """The options of this callback that differ from a checkpoint's saved state, as
         'name: saved -> now' lines (the CLI checks them before the model loads)."""
         mine = self._options()
-        return [f"head selection {k}: {saved.get(k)!r} in the checkpoint, {v!r} now" for k, v in mine.items() if k in saved and saved[k] != v]
+        return [f"head selection {k}: {saved[k]!r} in the checkpoint, {v!r} now"
+                for k, v in mine.items() if k in saved and saved[k] != v]
 
     def load_state_dict(self, state_dict: dict) -> None:
         # Lightning loads this after setup() applied the restriction and after the model weights

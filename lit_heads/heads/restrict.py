@@ -373,4 +373,5 @@ def restriction_from_checkpoint(model: nn.Module, checkpoint: dict) -> HeadRestr
     if state is None:
         return None
     heads = [tuple(h) for h in state["heads"]]
-    return HeadRestriction(model, heads, kv=state["kv"], train_norms=state["train_norms"], train_mlp=state["train_mlp"]).apply()
+    options = {k: state[k] for k in ("kv", "train_norms", "train_mlp")}
+    return HeadRestriction(model, heads, **options).apply()
