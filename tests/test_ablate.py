@@ -240,7 +240,7 @@ def test_accuracy_needs_checkable_examples(tiny_setup):
 
 def test_run_ablation_rows_and_report_files_read_back(tiny_setup, tmp_path):
     module, datamodule, examples = tiny_setup
-    evaluator = analysis.Evaluator(module, datamodule, examples, num_generate=2)
+    evaluator = analysis.Evaluator(module, datamodule, examples, num_generate=1)
     scores = torch.arange(8.0).view(2, 4)
     schedule = analysis.plan_schedule(scores, 2, 4, ks=[1, 2], seeds=[0, 1])
     partial = []
@@ -277,7 +277,7 @@ def test_run_ablation_rows_and_report_files_read_back(tiny_setup, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(analysis.REPORT_FILES)
     back = analysis.read_results(tmp_path)
     assert back["rows"] == json.loads(json.dumps(rows)) and back["complete"] is True
-    assert back["n_tokens"] == evaluator.n_tokens and back["n_graded"] == 2
+    assert back["n_tokens"] == evaluator.n_tokens and back["n_graded"] == 1
     with open(paths["results.csv"], newline="") as f:
         table = list(csv.DictReader(f))
     assert [r["selection"] for r in table] == [r["selection"] for r in rows]
@@ -324,7 +324,16 @@ def test_results_go_to_the_logger(tmp_path, monkeypatch):
         "rows": rows,
         "summary": analysis.summarize(rows),
     }
-    analysis.log_results(logger, results)
+    calls = {}
+    monkeypatch.setattr(logger, "log_table", lambda **kwargs: calls.setdefault("table", kwargs))
+    monkeypatch.setattr(logger, "log_image", lambda **kwargs: calls.setdefault("image", kwargs))
+    try:
+        analysis.log_results(logger, results, tmp_path / "ablation.png")
+    finally:
+        logger.finish()  # else the next WandbLogger in this process adopts the open run
+    assert calls["image"] == {"key": "ablate/plot", "images": [str(tmp_path / "ablation.png")]}
+    assert calls["table"]["columns"] == list(analysis.CSV_COLUMNS) and len(calls["table"]["data"]) == len(rows)
+    assert calls["table"]["data"][1][:3] == ["top", None, 2] and calls["table"]["data"][1][-1] == "0:0 0:0"
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert logged[0] == {"step": 0, "ablate/base/loss": 1.0, "ablate/base/accuracy": 0.5}
     at_k2 = next(m for m in logged if m["step"] == 2)

@@ -94,6 +94,22 @@ def test_ablate_ranks_by_abs_delta_of_pattern_files(tmp_path, tiny_llama_dir):
     assert results["scores"]["name"].startswith("|") and "before.safetensors" in results["scores"]["name"]
 
 
+def test_a_run_that_dies_keeps_the_evaluations_it_measured(tmp_path, tiny_llama_dir, monkeypatch):
+    def broken_report(results, output):
+        raise RuntimeError("disk full while drawing")
+
+    monkeypatch.setattr("lit_heads.analysis.ablation.write_report", broken_report)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="disk full"):
+        run_cli(["--model", str(tiny_llama_dir), "--data", "generated:string", "--n_samples", "2",
+                 "--num_generate", "0", "--mask", "zero", "--selections", "top", "bottom", "--k", "1", "3",
+                 "--output", str(out)])  # fmt: skip
+    partial = json.loads((out / "results.json").read_text())
+    assert partial["complete"] is False
+    assert [(r["selection"], r["k"]) for r in partial["rows"]] == [("top", 1), ("top", 3), ("bottom", 1), ("bottom", 3)]
+    assert [e["k"] for e in partial["summary"]] == [1, 3] and partial["base"]["loss"] > 0
+
+
 @pytest.fixture
 def refused(tmp_path, tiny_llama_dir, monkeypatch, capsys):
     """Run `ablate` with bad options: it must exit 2 before any model weights load, with the message on
