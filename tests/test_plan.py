@@ -4,6 +4,7 @@ real forward pass keeps, and clear errors for bad input."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import subprocess
@@ -155,6 +156,16 @@ def test_ddp_and_deepspeed_stages_shard_what_they_shard(full_llama3):
     assert (z3["weights"], z3["gradients"], z3["optimizer state"]) == (shard * 2, shard * 2, shard * 12)
 
 
+def test_auto_is_a_single_device_on_one_device_and_ddp_on_more(full_llama3):
+    facts, count = full_llama3
+    assert mp.RunShape(strategy="auto", devices=1).strategy == "single_device"
+    assert mp.RunShape(strategy="auto", devices=1, num_nodes=2).strategy == "ddp"
+    one = parts(facts, count, strategy="auto", devices=1, precision="bf16-mixed")
+    two = parts(facts, count, strategy="auto", devices=2, precision="bf16-mixed")
+    assert "ddp buckets" not in one and two["ddp buckets"] == 8_030_261_248 * 4
+    assert {k: v for k, v in two.items() if k != "ddp buckets"} == one
+
+
 def test_peak_is_persistent_parts_plus_the_larger_transient(full_llama3):
     facts, count = full_llama3
     plan = mp.plan_arm(facts, count, mp.RunShape(strategy="fsdp", devices=8), memory=80 * 10**9)
@@ -182,7 +193,7 @@ def test_plan_counts_what_a_real_head_restriction_trains(tiny_llama_dir, tmp_pat
         selections = [select_heads("random", 2, 4, top_k=3, seed=4), select_heads("random", 2, 4, fraction=0.5, seed=4),
                       [(0, 0), (0, 3), (1, 1)]]
         for plan, heads in zip(plans[1:], selections):
-            model = load_model(str(tiny_llama_dir))
+            model = copy.deepcopy(real)
             before = {n: p.detach().clone() for n, p in model.named_parameters()}
             restriction = HeadRestriction(model, heads, kv=kv).apply()
             assert plan.count.exact
@@ -314,6 +325,13 @@ def test_a_hf_directory_and_its_bare_config_json_agree(tmp_path):
     raw = json.loads((MODELS / "mistral-7b.json").read_text())
     (tmp_path / "model" / "config.json").write_text(json.dumps(raw))
     assert facts_of(tmp_path / "model").total == facts_of(MODELS / "mistral-7b.json").total == PUBLISHED["mistral-7b.json"]
+
+
+def test_a_fit_checkpoint_plans_its_base_model(tiny_llama_dir, tmp_path, capsys):
+    torch.save({"hyper_parameters": {"model": str(tiny_llama_dir)}, "state_dict": {}}, tmp_path / "run.ckpt")
+    from_ckpt, _ = run_plan(capsys, "--model", str(tmp_path / "run.ckpt"), "--arms", "full")
+    from_dir, _ = run_plan(capsys, "--model", str(tiny_llama_dir), "--arms", "full")
+    assert from_ckpt[0].count.high == from_dir[0].count.high == facts_of(tiny_llama_dir).total > 0
 
 
 def _without(tmp_path, key) -> str:

@@ -30,13 +30,16 @@ from lit_heads.errors import ConfigError, ModelError
 PRECISIONS = ("32-true", "bf16-true", "16-true", "bf16-mixed", "16-mixed")
 # What each strategy splits over the world size (devices x nodes); the rest is replicated.
 SHARDED = {
+    "single_device": frozenset(),
     "ddp": frozenset(),
     "deepspeed_stage_1": frozenset({"optimizer"}),
     "deepspeed_stage_2": frozenset({"optimizer", "gradients"}),
     "deepspeed_stage_3": frozenset({"optimizer", "gradients", "weights"}),
     "fsdp": frozenset({"optimizer", "gradients", "weights"}),
 }
-STRATEGIES = tuple(SHARDED)
+STRATEGIES = ("auto", *SHARDED)  # auto: single_device for one device, else ddp (as Lightning's "auto")
+# Strategies that leave the model as it is: *-mixed runs under autocast with an fp32 residual stream.
+_AUTOCAST = ("single_device", "ddp")
 # Optimizer: (state tensors per trained scalar, full-size temporaries of one step). torch's AdamW
 # (foreach, the default on CUDA) makes one temporary of the trained size (the sqrt of its second moment).
 OPTIMIZERS = {"adamw": (2, 1), "adam": (2, 1), "sgd_momentum": (1, 0), "sgd": (0, 0)}
@@ -51,11 +54,11 @@ Assumptions (per device; README "Will it fit?" has the reasoning):
   precision holds the module in 2 bytes and an fp32 master copy of the trained scalars in its optimizer.
 - sharding over world size = devices x nodes: fsdp and deepspeed_stage_3 split weights, gradients and
   optimizer state; deepspeed_stage_2 gradients and optimizer state; deepspeed_stage_1 optimizer state;
-  ddp splits nothing. Activations are never split (data parallel).
+  ddp and single_device split nothing. Activations are never split (data parallel).
 - gradients: one per trained scalar, in the weights' dtype; under fsdp a unit (decoder layer) holding
   any trained tensor gets a gradient for all of its parameters (FSDP's use_orig_params=True rule), and
   ddp keeps a second copy in its buckets (gradient_as_bucket_view=False, Lightning's default).
-- weight copies alive during forward/backward: ddp + *-mixed: the bf16/fp16 autocast copy of every
+- weight copies alive during forward/backward: ddp/single_device + *-mixed: the autocast copy of every
   nn.Linear weight; fsdp / deepspeed_stage_3: the all-gathered parameters outside the decoder layers
   plus two decoder layers (current + prefetched), which assumes FSDP wraps each decoder layer
   (auto_wrap_policy); head arms: each restricted weight materialised as W + delta for backward.
@@ -94,9 +97,10 @@ def parse_memory(text: str | int | float) -> int:
 
 def check_options(strategy: str, precision: str, optimizer: str, devices: int, num_nodes: int,
                   batch_size: int, max_length: int, kv: str) -> None:
-    if strategy not in SHARDED:
+    if strategy not in STRATEGIES:
         raise ConfigError(
-            f"Unknown strategy {strategy!r}. Use one of {', '.join(STRATEGIES)}: ddp replicates everything, "
+            f"Unknown strategy {strategy!r}. Use one of {', '.join(STRATEGIES)}: auto is single_device on one "
+            "device and ddp on more, ddp replicates everything, "
             "deepspeed_stage_1/2/3 shard optimizer state / + gradients / + weights over the devices, fsdp shards "
             "all three (like stage 3)."
         )
@@ -405,7 +409,7 @@ def activation_bytes_per_token(dims: Dims, precision: str, strategy: str, full: 
       weight also the normalised input (r*h, r = bytes of the residual stream).
     - attention: q and the SDPA output (H*d each), k and v (Hkv*d each) in the compute dtype, the fp32
       log-sum-exp (4H), and the projections' input (h): once when q/k/v read one tensor, three times
-      under ddp + *-mixed, where autocast casts the fp32 input for each projection separately.
+      under ddp/single_device + *-mixed, where autocast casts the fp32 input for each projection separately.
     - gated MLP: gate and up outputs, the activation's output (3i); with a trained MLP its product (i)
       and input (h; twice under autocast).
     - outside the layers (`rest`): the final norm, the lm_head input when lm_head trains (h), the int64
@@ -424,7 +428,7 @@ def activation_bytes_per_token(dims: Dims, precision: str, strategy: str, full: 
     """
     h, heads, kv_heads, d, i = dims.hidden, dims.n_heads, dims.n_kv_heads, dims.head_dim, dims.intermediate
     c = 4 if precision == "32-true" else 2
-    autocast = precision.endswith("-mixed") and strategy == "ddp"
+    autocast = precision.endswith("-mixed") and strategy in _AUTOCAST
     r = 4 if precision == "32-true" or autocast else 2
     norm = 4 * h + 4 + (r * h if full else 0)
     qkv_inputs = 3 if autocast and (full or kv == "group") else 1
@@ -469,6 +473,10 @@ class RunShape:
     gradient_checkpointing: bool = False
     optimizer: str = "adamw"
     kv: str = "group"
+
+    def __post_init__(self):
+        if self.strategy == "auto":
+            self.strategy = "single_device" if self.world == 1 else "ddp"
 
     @property
     def world(self) -> int:
@@ -515,8 +523,8 @@ def plan_arm(facts: ModelFacts, count: ArmCount, run: RunShape, memory: int) -> 
     if run.strategy == "ddp":
         parts.append(Part("ddp buckets", trained * b_grad, f"a copy of the gradients, {trained:,} x {b_grad} B"))
     n, split = share(trained, "optimizer")
-    master = "fp32 master + " if deepspeed and half else ""
-    parts.append(Part("optimizer state", n * b_optim, f"{trained:,} x ({master}{states} states) = {b_optim} B{split}"))
+    kept = f"(fp32 master + {states} states) x 4 B" if deepspeed and half else f"{states} states x {b_weight} B"
+    parts.append(Part("optimizer state", n * b_optim, f"{trained:,} x {kept}{split}"))
 
     copies, how = _weight_copies(facts, count, run, compute)
     parts.append(Part("weight copies", copies, how))
@@ -543,7 +551,7 @@ def _weight_copies(facts: ModelFacts, count: ArmCount, run: RunShape, compute: i
     mixed = run.precision.endswith("-mixed")
     ckpt = run.gradient_checkpointing
     total, notes = 0, []
-    if run.strategy == "ddp" and mixed:
+    if run.strategy in _AUTOCAST and mixed:
         # The autocast cache holds casts of trained leaf weights through the forward; autograd keeps the
         # casts of every linear whose input needs a gradient until its backward (one layer when checkpointed).
         n = facts.linear_weights if count.full or not ckpt else facts.lm_head + facts.layer_linear_weights
@@ -554,7 +562,7 @@ def _weight_copies(facts: ModelFacts, count: ArmCount, run: RunShape, compute: i
         n = facts.outside_layers + 2 * layer
         total += compute * n
         notes.append(f"all-gathered {facts.outside_layers:,} outside the layers + 2 x {layer:,} ({facts.layer_class}) x {compute} B")
-    if count.restricted_weights and not (run.strategy == "ddp" and mixed):
+    if count.restricted_weights and not (run.strategy in _AUTOCAST and mixed):
         n = max(count.restricted_weights) if ckpt else sum(count.restricted_weights)
         total += compute * n
         notes.append(f"W + delta of {n:,} restricted weights x {compute} B")

@@ -27,7 +27,7 @@ def plan(
     kv: str = "group",
     scores: str | None = None,
     seed: int = 0,
-    strategy: str = "ddp",
+    strategy: str = "auto",
     devices: int = 1,
     num_nodes: int = 1,
     precision: str = "bf16-mixed",
@@ -63,13 +63,13 @@ def plan(
         f"lit_heads plan: {source}, {facts.arch} ({facts.class_name}) built on the meta device (no weights)",
         f"  model: {facts.total:,} parameters; {d.n_layers} layers x {d.n_heads} heads ({d.n_kv_heads} KV heads, "
         f"head_dim {d.head_dim}), hidden {d.hidden:,}, MLP {d.intermediate:,}, vocabulary {d.vocab:,}",
-        f"  run: {strategy} on {devices} device(s) x {num_nodes} node(s) = world size {run.world}; precision {precision}; "
+        f"  run: {run.strategy if run.strategy == strategy else f'{strategy} = {run.strategy}'} on {_plural(devices, 'device')} x {_plural(num_nodes, 'node')} = world size {run.world}; precision {precision}; "
         f"micro-batch {batch_size} x {max_length:,} tokens per device; gradient checkpointing "
         f"{'on' if gradient_checkpointing else 'off'}; {optimizer} ({states} states); kv={kv}; "
         f"memory {mp.format_memory(capacity, memory)} per device",
     ]
-    if strategy in ("fsdp", "deepspeed_stage_3"):
-        lines.append(f"  {strategy}: assumes one unit per {facts.layer_class} (for fsdp: "
+    if run.strategy in ("fsdp", "deepspeed_stage_3"):
+        lines.append(f"  {run.strategy}: assumes one unit per {facts.layer_class} (for fsdp: "
                      f"--trainer.strategy.auto_wrap_policy with {facts.layer_class}; Lightning's default wraps nothing "
                      "and gathers every weight at once)")
     print("\n".join(lines) + "\n")
@@ -77,6 +77,10 @@ def plan(
         print(mp.format_arm(arm_plan, facts, memory) + "\n")
     print(mp.MEMORY_MODEL)
     return plans
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def main(argv: list[str]) -> list:
@@ -92,8 +96,9 @@ def main(argv: list[str]) -> list:
     parser.add_argument("--scores", type=str, default=None,
                         help="pattern file that ranks heads for top/bottom arms (exact counts under kv=group)")
     parser.add_argument("--seed", type=int, default=0, help="seed of random arms (as HeadRestrictedFinetuning's seed)")
-    parser.add_argument("--strategy", type=str, default="ddp",
-                        help="ddp, fsdp, deepspeed_stage_1, deepspeed_stage_2 or deepspeed_stage_3")
+    parser.add_argument("--strategy", type=str, default="auto",
+                        help="auto (single_device on one device, else ddp), single_device, ddp, fsdp, "
+                             "deepspeed_stage_1, deepspeed_stage_2 or deepspeed_stage_3")
     parser.add_argument("--devices", type=int, default=1, help="devices per node")
     parser.add_argument("--num_nodes", type=int, default=1, help="nodes")
     parser.add_argument("--precision", type=str, default="bf16-mixed",
