@@ -110,7 +110,10 @@ def check_options(strategy: str, precision: str, optimizer: str, devices: int, n
             "computes and stores in that dtype, *-mixed stores fp32 and computes in the half precision)."
         )
     if optimizer not in OPTIMIZERS:
-        raise ConfigError(f"Unknown optimizer {optimizer!r}. Use one of {', '.join(OPTIMIZERS)} (AdamW keeps 2 states per trained scalar).")
+        raise ConfigError(
+            f"Unknown optimizer {optimizer!r}. Use one of {', '.join(OPTIMIZERS)} "
+            "(AdamW keeps 2 states per trained scalar)."
+        )
     if kv not in ("group", "none"):
         raise ConfigError(
             f"Unknown kv policy {kv!r}. Use 'group' (train the K/V rows of every KV group holding a selected head) "
@@ -179,7 +182,9 @@ def _config_from_json(path: Path):
     try:
         config = AutoConfig.for_model(**raw)
     except (ValueError, KeyError, TypeError) as err:
-        raise ModelError(f"{path}: transformers cannot build a config for model_type {raw['model_type']!r}: {err}") from err
+        raise ModelError(
+            f"{path}: transformers cannot build a config for model_type {raw['model_type']!r}: {err}"
+        ) from err
     # transformers fills absent sizes with its defaults (e.g. 32 KV heads), which would plan another model.
     aliases = getattr(config, "attribute_map", {}) or {}
     missing = [key for key in _SIZE_KEYS if hasattr(config, key) and key not in raw and aliases.get(key) not in raw]
@@ -302,10 +307,12 @@ class ArmCount:
         return self.n_heads is None
 
 
-def count_arms(model: nn.Module, facts: ModelFacts, arms, kv: str, scores: str | None = None, seed: int = 0) -> list[ArmCount]:
+def count_arms(model: nn.Module | None, facts: ModelFacts, arms, kv: str, scores: str | None = None,
+               seed: int = 0) -> list[ArmCount]:
     """Trainable counts of every arm. `arms` are parsed arms (`lit_heads.commands.compare.parse_arm`:
     `.spec`, `.strategy`, `.top_k`, `.fraction`, `.heads`). Heads are selected first for every arm, so a
-    bad size or head file fails before any restriction is applied."""
+    bad size or head file fails before any restriction is applied. Counting a head arm may replace the
+    meta model's parameters with hollow ones (`_hollow`); `facts` must be taken before."""
     from lit_heads.heads import find_heads
 
     selections = {}
@@ -322,7 +329,8 @@ def count_arms(model: nn.Module, facts: ModelFacts, arms, kv: str, scores: str |
     out = []
     for arm in arms:
         if arm.strategy is None:
-            out.append(ArmCount(arm.spec, facts.total, facts.total, layers_touched=facts.dims.n_layers, selection="every parameter"))
+            out.append(ArmCount(arm.spec, facts.total, facts.total, layers_touched=facts.dims.n_layers,
+                                selection="every parameter"))
             continue
         placements, how = selections[arm.spec]
         counted = [_restricted(target, facts, heads, kv) for heads in placements]
@@ -529,7 +537,8 @@ def plan_arm(facts: ModelFacts, count: ArmCount, run: RunShape, memory: int) -> 
     copies, how = _weight_copies(facts, count, run, compute)
     parts.append(Part("weight copies", copies, how))
 
-    per = activation_bytes_per_token(facts.dims, run.precision, run.strategy, count.full, run.kv, run.gradient_checkpointing)
+    per = activation_bytes_per_token(facts.dims, run.precision, run.strategy, count.full, run.kv,
+                                     run.gradient_checkpointing)
     tokens = run.batch_size * run.max_length
     if run.gradient_checkpointing:
         how = f"{layers} layer inputs x {per['stored_layer']:,} B + 1 recomputed layer {per['layer']:,} B"
@@ -537,7 +546,8 @@ def plan_arm(facts: ModelFacts, count: ArmCount, run: RunShape, memory: int) -> 
         how = f"{layers + 1} layers (1 for backward) x {per['layer']:,} B"
     per_token = layers * per["stored_layer"] + per["layer"] + per["rest"] + per["logits"]
     parts.append(Part("activations", tokens * per_token,
-                      f"{tokens:,} tokens x ({how} + {per['rest']:,} B outside the layers + logits {per['logits']:,} B)"))
+                      f"{tokens:,} tokens x ({how} + {per['rest']:,} B outside the layers "
+                      f"+ logits {per['logits']:,} B)"))
     n, split = share(trained, "optimizer")
     parts.append(Part("optimizer step", n * b_step, f"temporaries of one step, {trained:,} x {b_step} B{split}; "
                                                     "not at the same time as activations"))
@@ -561,7 +571,8 @@ def _weight_copies(facts: ModelFacts, count: ArmCount, run: RunShape, compute: i
         layer = max(facts.layer_params)
         n = facts.outside_layers + 2 * layer
         total += compute * n
-        notes.append(f"all-gathered {facts.outside_layers:,} outside the layers + 2 x {layer:,} ({facts.layer_class}) x {compute} B")
+        notes.append(f"all-gathered {facts.outside_layers:,} outside the layers + 2 x {layer:,} "
+                     f"({facts.layer_class}) x {compute} B")
     if count.restricted_weights and not (run.strategy in _AUTOCAST and mixed):
         n = max(count.restricted_weights) if ckpt else sum(count.restricted_weights)
         total += compute * n

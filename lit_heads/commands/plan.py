@@ -48,13 +48,15 @@ def plan(
     mp.check_options(strategy, precision, optimizer, devices, num_nodes, batch_size, max_length, kv)
     capacity = mp.parse_memory(memory)
     if scores is not None and not Path(scores).is_file():
-        raise ConfigError(f"--scores {scores} does not exist. Give a pattern written by `lit_heads ap` (.safetensors) or an L x H .npy.")
+        raise ConfigError(f"--scores {scores} does not exist. Give a pattern written by `lit_heads ap` "
+                          "(.safetensors) or an L x H .npy.")
 
     config, source = mp.load_config(model)
     net = mp.meta_model(config)
     facts = mp.model_facts(net)
     counts = mp.count_arms(net, facts, parsed, kv=kv, scores=scores, seed=seed)
-    run = mp.RunShape(strategy, devices, num_nodes, precision, batch_size, max_length, gradient_checkpointing, optimizer, kv)
+    run = mp.RunShape(strategy, devices, num_nodes, precision, batch_size, max_length, gradient_checkpointing,
+                      optimizer, kv)
     plans = [mp.plan_arm(facts, count, run, capacity) for count in counts]
 
     d = facts.dims
@@ -63,7 +65,8 @@ def plan(
         f"lit_heads plan: {source}, {facts.arch} ({facts.class_name}) built on the meta device (no weights)",
         f"  model: {facts.total:,} parameters; {d.n_layers} layers x {d.n_heads} heads ({d.n_kv_heads} KV heads, "
         f"head_dim {d.head_dim}), hidden {d.hidden:,}, MLP {d.intermediate:,}, vocabulary {d.vocab:,}",
-        f"  run: {run.strategy if run.strategy == strategy else f'{strategy} = {run.strategy}'} on {_plural(devices, 'device')} x {_plural(num_nodes, 'node')} = world size {run.world}; precision {precision}; "
+        f"  run: {run.strategy if run.strategy == strategy else f'{strategy} = {run.strategy}'} on "
+        f"{_plural(devices, 'device')} x {_plural(num_nodes, 'node')} = world size {run.world}; precision {precision}; "
         f"micro-batch {batch_size} x {max_length:,} tokens per device; gradient checkpointing "
         f"{'on' if gradient_checkpointing else 'off'}; {optimizer} ({states} states); kv={kv}; "
         f"memory {mp.format_memory(capacity, memory)} per device",
@@ -89,7 +92,8 @@ def main(argv: list[str]) -> list:
     parser = ArgumentParser(prog="lit_heads plan", description=DESCRIPTION)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below.")
     parser.add_argument("--model", type=str, required=True,
-                        help="bundled short name, HF directory, .gguf file, config.json file (configs/models/*.json) or .ckpt")
+                        help="bundled short name, HF directory, .gguf file, config.json file "
+                             "(configs/models/*.json) or .ckpt")
     parser.add_argument("--arms", type=str, nargs="+", default=["full", "top:0.1"],
                         help="full, <top|bottom|random>:<fraction|N%%|count>, list:<head-list file>")
     parser.add_argument("--kv", type=str, default="group", help="GQA key/value policy of head arms: group or none")
