@@ -380,7 +380,7 @@ def test_bad_input_is_a_clear_error_with_exit_2(case, tmp_path, capsys):
 
 def test_unknown_arm_exits_2_in_a_real_process():
     result = subprocess.run([sys.executable, "-m", "lit_heads.cli", "plan", "--model", str(MODELS / "llama-3-8b.json"),
-                             "--arms", "sideways:0.1"], capture_output=True, text=True, timeout=300)
+                             "--arms", "sideways:0.1"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 2
     assert "lit_heads: error: Cannot read arm 'sideways:0.1'" in result.stderr and "Traceback" not in result.stderr
 
