@@ -189,10 +189,12 @@ def run_lightning(args: list[str] | None) -> None:
 
 
 EXTRA_COMMANDS = {
+    "ablate": "lit_heads.commands.ablate",    # mask top/random/bottom-k heads: loss increase, accuracy drop
     "ap": "lit_heads.commands.ap",            # activation pattern of a model on data
     "compare": "lit_heads.commands.compare",  # full vs head-restricted SFT arms, one report
     "compose": "lit_heads.commands.compose",  # fit a pattern change as a combination of others
     "mix": "lit_heads.commands.mix",          # AP-guided mix of basic-task data
+    "plan": "lit_heads.commands.plan",        # will it fit? trainable counts and memory per device, no weights
     "study": "lit_heads.commands.study",      # the paper's study end to end
 }
 
@@ -209,7 +211,7 @@ def _extra_commands() -> dict:
 
 DESCRIPTION = (
     "lit_heads: SFT of causal LMs with attention-head activation patterns. Training subcommands: fit, "
-    "validate, test, predict (LightningCLI). Analysis subcommands: ap, compare, compose, mix, study; "
+    "validate, test, predict (LightningCLI). Analysis subcommands: ablate, ap, compare, compose, mix, plan, study; "
     "run `lit_heads <command> --help`."
 )
 
