@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -21,7 +22,8 @@ from lit_heads.callbacks.head_restricted import HeadRestrictedFinetuning
 from lit_heads.callbacks.lora import LoRAFinetuning, lora_from_checkpoint, resolve_targets, unwrap_peft
 from lit_heads.cli import main
 from lit_heads.data import SFTDataModule
-from lit_heads.errors import ConfigError
+from lit_heads.checkpoint_io import CheckpointSafety
+from lit_heads.errors import ConfigError, ModelError
 from lit_heads.heads.history import PatternHistory
 from lit_heads.heads.layout import find_heads
 from lit_heads.heads.scoring import HeadGateCapture, compute_ap, per_sample_scale
@@ -85,6 +87,12 @@ def test_explicit_targets_and_all_linear():
 def test_option_errors(kwargs, needle):
     with pytest.raises(ConfigError, match=needle):
         LoRAFinetuning(**kwargs)
+
+
+def test_missing_peft_names_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` raises ImportError
+    with pytest.raises(ConfigError, match=r"pip install 'peft>=0.21'"):
+        LoRAFinetuning(r=4)
 
 
 def test_unknown_target_lists_the_linear_layers():
@@ -228,9 +236,13 @@ def test_resume_gives_the_same_adapters_and_the_checkpoint_merges(tiny_llama_dir
     for name, p in two_steps.model.named_parameters():
         torch.testing.assert_close(merged[name], p, rtol=0, atol=0)
 
-    # Other LoRA options (same shapes: alpha) are refused, not silently trained with another scale.
+    # Other LoRA options are refused, not silently trained with another scale (alpha: same shapes) or
+    # loaded half (another rank: `lit_heads fit`'s CheckpointSafety compares the shapes).
     with pytest.raises(ConfigError, match="trained with LoRA r=2, alpha=4.0"):
         fit(tiny_llama_dir, tmp_path / "other", LoRAFinetuning(r=2, alpha=8), max_steps=4, ckpt_path=str(last), data=data)
+    with pytest.raises(ModelError, match=r"have another shape \(e.g. model.base_model.model.model.layers.0.self_attn.k_proj.lora_A"):
+        fit(tiny_llama_dir, tmp_path / "rank", LoRAFinetuning(r=3), max_steps=4, ckpt_path=str(last), data=data,
+            extra=[CheckpointSafety()])
 
 
 def test_lora_and_head_restriction_together_are_refused(tiny_llama_dir, tmp_path):
