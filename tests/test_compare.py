@@ -55,14 +55,14 @@ def test_bad_arm_size_exits_2_before_any_fit(tmp_path, capsys):
 
 @pytest.mark.parametrize("arm, needle", [
     ("lora:0", "the rank r must be an integer >= 1"),
-    ("lora:4:q_proj,attn_out", "'attn_out' is not a linear layer of the model (LlamaForCausalLM). Its linear layers are "
-                               "named: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head."),
+    ("lora:4:q_proj,attn_out", "'attn_out' is not a linear layer of the model (LlamaForCausalLM). Its linear layers "
+                               "are named: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head."),
     ("lora:4x", "Cannot read the LoRA rank '4x'"),
 ])
 def test_bad_lora_arm_exits_2_before_any_fit(tiny_llama_dir, tmp_path, capsys, arm, needle):
     with pytest.raises(SystemExit) as exit_info:
-        main(["compare", "--config", str(ROOT / "configs" / "compare.yaml"), "--arms", "full", arm, "--output", str(tmp_path),
-              "--model.model", str(tiny_llama_dir)])
+        main(["compare", "--config", str(ROOT / "configs" / "compare.yaml"), "--arms", "full", arm,
+              "--output", str(tmp_path), "--model.model", str(tiny_llama_dir)])
     assert exit_info.value.code == 2
     assert needle in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
@@ -80,11 +80,12 @@ def test_compare_three_arms_writes_a_report_with_checked_numbers(tiny_llama_dir,
     (tmp_path / "tiny.yaml").write_text(TINY)
     out = tmp_path / "cmp"
     main(["compare", "--config", str(ROOT / "configs" / "compare.yaml"), "--config", "tiny.yaml",
-          "--arms", "full", "top:0.25", "lora:4", "--output", str(out), "--name", "test-group", "--n_score_samples", "8",
-          "--model.model", str(tiny_llama_dir)])
+          "--arms", "full", "top:0.25", "lora:4", "--output", str(out), "--name", "test-group",
+          "--n_score_samples", "8", "--model.model", str(tiny_llama_dir)])
 
     report = (out / "report.md").read_text()
-    assert "| full |" in report and "| top:0.25 |" in report and "| lora:4 | LoRA r=4 on q_proj, k_proj, v_proj, o_proj |" in report
+    assert "| full |" in report and "| top:0.25 |" in report
+    assert "| lora:4 | LoRA r=4 on q_proj, k_proj, v_proj, o_proj |" in report
     assert (out / "losses.png").stat().st_size > 0 and (out / "ap_change.png").stat().st_size > 0
     full, top, lora = json.loads((out / "results.json").read_text())
 

@@ -12,12 +12,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM
 
 from lit_heads.callbacks.export import ExportHF
-from lit_heads.callbacks.head_monitor import HeadActivationMonitor
 from lit_heads.callbacks.head_restricted import HeadRestrictedFinetuning
 from lit_heads.callbacks.lora import LoRAFinetuning, lora_from_checkpoint, resolve_targets, unwrap_peft
 from lit_heads.cli import main
@@ -141,7 +139,8 @@ def test_free_capture_on_a_training_backward_equals_compute_ap():
         logits = wrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         response_loss(logits, batch["labels"]).backward()
         free = capture.pop(scale=per_sample_scale(batch["labels"])).abs().mean(0)
-    torch.testing.assert_close(free, compute_ap(unwrap_peft(wrapped), [batch], progress=False).scores, rtol=1e-4, atol=1e-7)
+    probe = compute_ap(unwrap_peft(wrapped), [batch], progress=False).scores
+    torch.testing.assert_close(free, probe, rtol=1e-4, atol=1e-7)
 
 
 # ---- real fits ------------------------------------------------------------------------------------
@@ -162,8 +161,8 @@ class Inspect(L.Callback):
         self.trained = {id(p) for g in optimizer.param_groups for p in g["params"]}
         self.adapters = {id(p) for n, p in pl_module.named_parameters() if ".lora_" in n}
         self.state_numel = sum(t.numel() for s in optimizer.state.values() for t in s.values() if t.dim() > 0)
-        self.base = {n.replace(".base_layer", ""): p.detach().clone() for n, p in unwrap_peft(pl_module.model).named_parameters()
-                     if ".lora_" not in n}
+        self.base = {n.replace(".base_layer", ""): p.detach().clone()
+                     for n, p in unwrap_peft(pl_module.model).named_parameters() if ".lora_" not in n}
         self.lora_b = [p.detach().clone() for n, p in pl_module.named_parameters() if "lora_B" in n]
         pl_module.eval()
         with torch.no_grad():
@@ -178,7 +177,8 @@ def fit(model_dir, root, callback, *, max_steps=4, ckpt_path=None, extra=(), dat
     inspect = Inspect(sft_batch(seed=5, vocab=100))
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, default_root_dir=str(root), callbacks=[callback, inspect, *extra],
+        enable_model_summary=False, limit_val_batches=0, default_root_dir=str(root),
+        callbacks=[callback, inspect, *extra],
         enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in extra),
     )
     trainer.fit(module, datamodule=NoShuffle(tokenizer=str(model_dir), **data), ckpt_path=ckpt_path, weights_only=False)
@@ -194,11 +194,12 @@ def test_fit_trains_only_the_adapters_and_exports_the_merged_model(tiny_llama_di
 
     # AdamW with weight decay 0.1 saw only the adapters; every base weight is bit-identical.
     assert inspect.trained == inspect.adapters and inspect.state_numel == 2 * expected
-    assert callback.summary["trainable"] == expected and callback.summary["total"] == sum(p.numel() for p in base.parameters())
+    total = sum(p.numel() for p in base.parameters())
+    assert callback.summary["trainable"] == expected and callback.summary["total"] == total
     for name, p in base.named_parameters():
         assert torch.equal(inspect.base[name], p), name
     assert all(b.abs().max() > 0 for b in inspect.lora_b)  # the adapters did train
-    printed = f"trainable parameters {expected:,} ({100 * expected / callback.summary['total']:.2f}% of the model's {callback.summary['total']:,})"
+    printed = f"trainable parameters {expected:,} ({100 * expected / total:.2f}% of the model's {total:,})"
     assert printed in caplog.text
 
     # After fit the module holds the plain merged model; the export reloads with transformers alone.
@@ -219,7 +220,8 @@ def test_resume_gives_the_same_adapters_and_the_checkpoint_merges(tiny_llama_dir
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
     fit(tiny_llama_dir, tmp_path / "first", LoRAFinetuning(r=2), max_steps=2, extra=[ckpt], data=data)
     last = tmp_path / "ckpt" / "last.ckpt"
-    resumed, inspect = fit(tiny_llama_dir, tmp_path / "resumed", LoRAFinetuning(r=2), max_steps=4, ckpt_path=str(last), data=data)
+    resumed, inspect = fit(tiny_llama_dir, tmp_path / "resumed", LoRAFinetuning(r=2), max_steps=4, ckpt_path=str(last),
+                           data=data)
     assert inspect.state_numel == 2 * lora_count(straight.model, resolve_targets(straight.model, None), r=2)
     a, b = dict(straight.model.named_parameters()), dict(resumed.model.named_parameters())
     assert a.keys() == b.keys()
@@ -239,8 +241,10 @@ def test_resume_gives_the_same_adapters_and_the_checkpoint_merges(tiny_llama_dir
     # Other LoRA options are refused, not silently trained with another scale (alpha: same shapes) or
     # loaded half (another rank: `lit_heads fit`'s CheckpointSafety compares the shapes).
     with pytest.raises(ConfigError, match="trained with LoRA r=2, alpha=4.0"):
-        fit(tiny_llama_dir, tmp_path / "other", LoRAFinetuning(r=2, alpha=8), max_steps=4, ckpt_path=str(last), data=data)
-    with pytest.raises(ModelError, match=r"have another shape \(e.g. model.base_model.model.model.layers.0.self_attn.k_proj.lora_A"):
+        fit(tiny_llama_dir, tmp_path / "other", LoRAFinetuning(r=2, alpha=8), max_steps=4, ckpt_path=str(last),
+            data=data)
+    shape = r"another shape \(e.g. model.base_model.model.model.layers.0.self_attn.k_proj.lora_A"
+    with pytest.raises(ModelError, match=shape):
         fit(tiny_llama_dir, tmp_path / "rank", LoRAFinetuning(r=3), max_steps=4, ckpt_path=str(last), data=data,
             extra=[CheckpointSafety()])
 
@@ -270,7 +274,8 @@ trainer:
 def test_cli_lora_fit_monitors_heads_through_the_wrapper(tmp_path, tiny_llama_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny.yaml").write_text(TINY)
-    main(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--config", "tiny.yaml", "--model.model", str(tiny_llama_dir)])
+    main(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--config", "tiny.yaml",
+          "--model.model", str(tiny_llama_dir)])
     history = PatternHistory.load(tmp_path / "runs/quickstart/heads/ap_history.safetensors")
     assert history.steps == [0, 2, 4]
     dm = SFTDataModule(tokenizer=str(tiny_llama_dir), train_size=16, val_size=8, max_length=128, batch_size=3)
@@ -278,7 +283,8 @@ def test_cli_lora_fit_monitors_heads_through_the_wrapper(tmp_path, tiny_llama_di
     batches = list(dm.make_dataloader(dm.val_examples[:6]))
     # Step 0: the wrapped model with B = 0 is the base model; the last step: the merged export.
     base = compute_ap(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), batches, progress=False).scores
-    final = compute_ap(AutoModelForCausalLM.from_pretrained(tmp_path / "runs/quickstart/export"), batches, progress=False).scores
+    export = AutoModelForCausalLM.from_pretrained(tmp_path / "runs/quickstart/export")
+    final = compute_ap(export, batches, progress=False).scores
     torch.testing.assert_close(history.scores[0], base, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(history.scores[-1], final, rtol=1e-4, atol=1e-7)
     assert not torch.allclose(history.scores[0], history.scores[-1], rtol=1e-3)

@@ -113,7 +113,8 @@ class HeadActivationMonitor(L.Callback):
 
     def record(self, trainer, pl_module) -> Pattern:
         step = trainer.global_step
-        pattern = compute_ap(unwrap_peft(pl_module.model), self._probe_batches, progress=False, meta={"step": step, "data": f"probe:{self.probe}"})
+        pattern = compute_ap(unwrap_peft(pl_module.model), self._probe_batches, progress=False,
+                             meta={"step": step, "data": f"probe:{self.probe}"})
         metrics = self.history.append(step, pattern.scores, top_k=self.top_k)
         free = self._reduce_free(trainer, pattern.scores.shape) if self.free else None
         if trainer.is_global_zero:

@@ -32,7 +32,6 @@ import sys
 import warnings
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
@@ -56,7 +55,9 @@ def _import_peft():
     try:
         import peft
     except ImportError:
-        raise ConfigError(f"LoRAFinetuning trains through the `peft` library, which is not installed: `{INSTALL}`.") from None
+        raise ConfigError(
+            f"LoRAFinetuning trains through the `peft` library, which is not installed: `{INSTALL}`."
+        ) from None
     return peft
 
 
@@ -126,7 +127,9 @@ class LoRAFinetuning(L.Callback):
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ConfigError(f"LoRAFinetuning: the rank r must be an integer >= 1 (e.g. 8), got {r!r}.")
         if alpha is not None and not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha > 0):
-            raise ConfigError(f"LoRAFinetuning: alpha must be a number > 0 (the update is scaled by alpha / r), got {alpha!r}.")
+            raise ConfigError(
+                f"LoRAFinetuning: alpha must be a number > 0 (the update is scaled by alpha / r), got {alpha!r}."
+            )
         if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
             raise ConfigError(f"LoRAFinetuning: dropout must be >= 0 and < 1, got {dropout!r}.")
         if isinstance(targets, str):
@@ -139,7 +142,10 @@ class LoRAFinetuning(L.Callback):
                     f"or null for the attention projections; got {targets!r}."
                 )
             if ALL_LINEAR in targets and len(targets) > 1:
-                raise ConfigError(f"LoRAFinetuning: '{ALL_LINEAR}' already names every linear layer; give it alone, not with {targets!r}.")
+                raise ConfigError(
+                    f"LoRAFinetuning: '{ALL_LINEAR}' already names every linear layer; give it alone, not with "
+                    f"{targets!r}."
+                )
         _import_peft()  # fail here, before a model is loaded
         self.r, self.dropout, self.targets = r, float(dropout), targets
         self.alpha = float(alpha) if alpha is not None else float(2 * r)
@@ -205,7 +211,8 @@ class LoRAFinetuning(L.Callback):
 
     # ---- checkpoint state ------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "targets": self.targets, "modules": self.modules}
+        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "targets": self.targets,
+                "modules": self.modules}
 
     def load_state_dict(self, state_dict: dict) -> None:
         # Lightning loads this after setup() wrapped the model and after the weights loaded (lit_heads

@@ -8,9 +8,10 @@ Arms: `full` (every weight trains) or `<strategy>:<size>` with strategy top, bot
 size a fraction of all heads (`0.1`, `10%`) or a count (`8`); `list:<file>` trains the heads of a
 head-list file; `lora:<r>` trains LoRA adapters of rank r through PEFT (`LoRAFinetuning`) on the
 attention projections, or on the named linear layers with `lora:<r>:<name>,<name>` (`--lora_targets`
-sets them for every LoRA arm; `--lora_alpha`, `--lora_dropout`). Each arm is a separate `lit_heads fit` process on the same config(s) — same seed,
-data and step budget — so its peak memory is its own; the W&B runs share one group. Each arm's run
-folder is `<output>/<arm>`, with its resolved overrides in `arm.yaml` and its output in `fit.log`.
+sets them for every LoRA arm; `--lora_alpha`, `--lora_dropout`). Each arm is a separate `lit_heads fit`
+process on the same config(s) — same seed, data and step budget — so its peak memory is its own; the
+W&B runs share one group. Each arm's run folder is `<output>/<arm>`, with its resolved overrides in
+`arm.yaml` and its output in `fit.log`.
 The report (`<output>/report.md`, `losses.png`, `ap_change.png`, `results.json`) is written by
 `lit_heads.analysis.report`.
 
@@ -173,7 +174,7 @@ class ArmStats(L.Callback):
         lora = next((c for c in trainer.callbacks if isinstance(c, LoRAFinetuning)), None)
         self.sizes = {
             "trainable": sum(p.numel() for p in trained),
-            # With head deltas or LoRA adapters the module holds them beside the base weights; the model's size is the base.
+            # Head deltas or LoRA adapters sit beside the base weights; the model's size is the base.
             "total": model_size(pl_module.model),
             "optimizer_state": sum(t.numel() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0),
         }
@@ -250,7 +251,8 @@ def compare(
     for n, arm in enumerate(parsed, start=1):
         arm_dir = _fresh_dir(out / arm.slug)
         overrides = arm_dir / "arm.yaml"
-        overrides.write_text(yaml.safe_dump(_arm_config(base, arm, arm_dir, group, options, lora_options), sort_keys=False))
+        arm_config = _arm_config(base, arm, arm_dir, group, options, lora_options)
+        overrides.write_text(yaml.safe_dump(arm_config, sort_keys=False))
         command = [sys.executable, "-m", "lit_heads.cli", "fit", *[a for c in config for a in ("--config", c)],
                    "--config", str(overrides), *(fit_args or [])]
         print(f"[{n}/{len(parsed)}] {arm.spec}: lit_heads fit ... (log: {arm_dir / 'fit.log'})", flush=True)
@@ -409,18 +411,20 @@ def main(argv: list[str]) -> None:
     )
     parser.add_argument("--config", action="append", required=True, help="fit config shared by every arm; repeat to stack configs")
     parser.add_argument("--arms", nargs="+", default=["full", "top:0.1", "random:0.1", "bottom:0.1"],
-                        help="arms: full, <top|bottom|random>:<fraction|N%%|count>, list:<file>, lora:<r>[:<module>,...] "
-                             "(default: %(default)s)")
+                        help="arms: full, <top|bottom|random>:<fraction|N%%|count>, list:<file>, "
+                             "lora:<r>[:<module>,...] (default: %(default)s)")
     parser.add_argument("--output", default="out/compare", help="report folder; arm runs go to <output>/<arm> (default: %(default)s)")
     parser.add_argument("--name", default=None, help="W&B group of the arms' runs (default: compare-<date-time>)")
     parser.add_argument("--kv", default="group", choices=["group", "none"], help="GQA key/value policy of restricted arms")
     parser.add_argument("--n_score_samples", type=int, default=32, help="training examples that rank heads by AP (top/bottom arms)")
     parser.add_argument("--seed", type=int, default=0, help="seed of random arms")
     parser.add_argument("--lora_targets", default=None,
-                        help="linear layers LoRA arms adapt, comma-separated (q_proj,v_proj) or all-linear; an arm's own "
-                             "lora:<r>:<modules> wins (default: every linear layer of the attention modules)")
-    parser.add_argument("--lora_alpha", type=float, default=None, help="LoRA scale alpha (update x alpha / r; default 2 r)")
-    parser.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA adapters' input (default: %(default)s)")
+                        help="linear layers LoRA arms adapt, comma-separated (q_proj,v_proj) or all-linear; an "
+                             "arm's own lora:<r>:<modules> wins (default: every linear layer of the attention modules)")
+    parser.add_argument("--lora_alpha", type=float, default=None,
+                        help="LoRA scale alpha (update x alpha / r; default 2 r)")
+    parser.add_argument("--lora_dropout", type=float, default=0.0,
+                        help="dropout on the LoRA adapters' input (default: %(default)s)")
     args, fit_args = parser.parse_known_args(argv)
     targets = [t.strip() for t in args.lora_targets.split(",")] if args.lora_targets is not None else None
     compare(args.config, args.arms, args.output, args.name, args.kv, args.n_score_samples, args.seed, fit_args,
