@@ -18,9 +18,9 @@ from transformers import AutoModelForCausalLM
 from lit_heads.callbacks.export import ExportHF
 from lit_heads.callbacks.head_restricted import HeadRestrictedFinetuning
 from lit_heads.callbacks.lora import LoRAFinetuning, lora_from_checkpoint, resolve_targets, unwrap_peft
+from lit_heads.checkpoint_io import CheckpointSafety
 from lit_heads.cli import main
 from lit_heads.data import SFTDataModule
-from lit_heads.checkpoint_io import CheckpointSafety
 from lit_heads.errors import ConfigError, ModelError
 from lit_heads.heads.history import PatternHistory
 from lit_heads.heads.layout import find_heads
@@ -237,6 +237,14 @@ def test_resume_gives_the_same_adapters_and_the_checkpoint_merges(tiny_llama_dir
     merged = dict(rebuilt.merge_and_unload().named_parameters())
     for name, p in two_steps.model.named_parameters():
         torch.testing.assert_close(merged[name], p, rtol=0, atol=0)
+
+    # validate of a LoRA checkpoint: the callback wraps the model before Lightning loads it.
+    checked = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[LoRAFinetuning(r=2)], default_root_dir=str(tmp_path / "validate"))
+    fresh = SFTModule(model=str(tiny_llama_dir), num_generate=0, scheduler=None)
+    val = NoShuffle(tokenizer=str(tiny_llama_dir), **data)
+    [metrics] = checked.validate(fresh, datamodule=val, ckpt_path=str(last), weights_only=False)
+    assert metrics["val/loss"] == pytest.approx(two_steps.evaluate_loss(val.val_dataloader()), rel=1e-5)
 
     # Other LoRA options are refused, not silently trained with another scale (alpha: same shapes) or
     # loaded half (another rank: `lit_heads fit`'s CheckpointSafety compares the shapes).
