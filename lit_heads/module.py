@@ -9,6 +9,7 @@ with the task's exact-match checker (`val/acc`, `test/acc`).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from contextlib import nullcontext
 from pathlib import Path
@@ -35,6 +36,26 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     targets = labels[:, 1:].flatten()
     losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, ignore_index=-100, reduction="none")
     return losses[targets != -100]
+
+
+def model_size(model: torch.nn.Module) -> int:
+    """Scalars of the model's own weights, without the trainable tensors a fit adds beside them: head
+    deltas (parametrizations other than `.original`, lit_heads.heads.restrict) and PEFT adapters
+    (LoRA A and B), so every fit reports its share of the same base-model size."""
+    added = {id(p) for p in _peft_adapter_parameters(model)}
+    return sum(p.numel() for n, p in model.named_parameters()
+               if id(p) not in added and (".parametrizations." not in n or n.endswith(".original")))
+
+
+def _peft_adapter_parameters(model: torch.nn.Module) -> Iterable[torch.nn.Parameter]:
+    if "peft" not in sys.modules:  # a model holds PEFT layers only once peft is imported
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            for name in module.adapter_layer_names:  # LoRA: lora_A, lora_B, lora_embedding_A/B, ...
+                yield from getattr(module, name).parameters()
 
 
 class ResponseLoss(MeanMetric):
@@ -98,12 +119,10 @@ class SFTModule(L.LightningModule):
         # without this dropout would be off and gradient checkpointing (active only in training) idle.
         # Here, not in on_train_start: Lightning checks the modes (and warns) just before that hook.
         self.train()
-        params = dict(self.named_parameters())
-        trainable = sum(p.numel() for p in params.values() if p.requires_grad)
-        frozen = sum(p.numel() for p in params.values() if not p.requires_grad)
-        # The model's own size: a head-restricted fit adds trainable delta tensors beside the
-        # frozen weights (under `parametrizations.<name>.<i>`), which are not part of it.
-        total = sum(p.numel() for n, p in params.items() if ".parametrizations." not in n or n.endswith(".original"))
+        params = list(self.parameters())
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        frozen = sum(p.numel() for p in params if not p.requires_grad)
+        total = model_size(self.model)
         rank_zero_info(
             f"lit_heads: trainable parameters {trainable:,} ({100 * trainable / max(total, 1):.2f}% of the "
             f"model's {total:,}), frozen {frozen:,}"

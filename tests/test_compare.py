@@ -31,12 +31,15 @@ trainer: {max_steps: 4, val_check_interval: 2}
     ("bottom:10%", Arm("bottom:10%", "bottom", fraction=0.1)),
     ("random:8", Arm("random:8", "random", top_k=8)),
     ("list:heads.npy", Arm("list:heads.npy", "list", heads="heads.npy")),
+    ("lora:8", Arm("lora:8", "lora", lora_r=8)),
+    ("lora:16:q_proj, v_proj", Arm("lora:16:q_proj, v_proj", "lora", lora_r=16, lora_targets=("q_proj", "v_proj"))),
 ])
 def test_parse_arm(spec, arm):
     assert parse_arm(spec) == arm
 
 
-@pytest.mark.parametrize("spec", ["best:0.1", "top", "top:", "top:many", "full:1"])
+@pytest.mark.parametrize("spec", ["best:0.1", "top", "top:", "top:many", "full:1", "lora", "lora:", "lora:x", "lora:8:",
+                                  "lora:8:q_proj,,v_proj"])
 def test_bad_arm_is_a_config_error(spec):
     with pytest.raises(ConfigError, match="arm"):
         parse_arm(spec)
@@ -50,6 +53,21 @@ def test_bad_arm_size_exits_2_before_any_fit(tmp_path, capsys):
     assert not (tmp_path / "full").exists()
 
 
+@pytest.mark.parametrize("arm, needle", [
+    ("lora:0", "the rank r must be an integer >= 1"),
+    ("lora:4:q_proj,attn_out", "'attn_out' is not a linear layer of the model (LlamaForCausalLM). Its linear layers "
+                               "are named: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head."),
+    ("lora:4x", "Cannot read the LoRA rank '4x'"),
+])
+def test_bad_lora_arm_exits_2_before_any_fit(tiny_llama_dir, tmp_path, capsys, arm, needle):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", "--config", str(ROOT / "configs" / "compare.yaml"), "--arms", "full", arm,
+              "--output", str(tmp_path), "--model.model", str(tiny_llama_dir)])
+    assert exit_info.value.code == 2
+    assert needle in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 def test_fit_flags_that_compare_owns_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["compare", "--config", str(ROOT / "configs" / "compare.yaml"), "--arms", "full", "--output", str(tmp_path),
@@ -57,18 +75,19 @@ def test_fit_flags_that_compare_owns_are_refused(tmp_path, capsys):
     assert exit_info.value.code == 2 and "--trainer.logger.init_args.name" in capsys.readouterr().err
 
 
-def test_compare_two_arms_writes_a_report_with_checked_numbers(tiny_llama_dir, tmp_path, monkeypatch):
+def test_compare_three_arms_writes_a_report_with_checked_numbers(tiny_llama_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny.yaml").write_text(TINY)
     out = tmp_path / "cmp"
     main(["compare", "--config", str(ROOT / "configs" / "compare.yaml"), "--config", "tiny.yaml",
-          "--arms", "full", "top:0.25", "--output", str(out), "--name", "test-group", "--n_score_samples", "8",
-          "--model.model", str(tiny_llama_dir)])
+          "--arms", "full", "top:0.25", "lora:4", "--output", str(out), "--name", "test-group",
+          "--n_score_samples", "8", "--model.model", str(tiny_llama_dir)])
 
     report = (out / "report.md").read_text()
     assert "| full |" in report and "| top:0.25 |" in report
+    assert "| lora:4 | LoRA r=4 on q_proj, k_proj, v_proj, o_proj |" in report
     assert (out / "losses.png").stat().st_size > 0 and (out / "ap_change.png").stat().st_size > 0
-    full, top = json.loads((out / "results.json").read_text())
+    full, top, lora = json.loads((out / "results.json").read_text())
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     total = sum(p.numel() for p in base.parameters())
@@ -79,7 +98,13 @@ def test_compare_two_arms_writes_a_report_with_checked_numbers(tiny_llama_dir, t
     assert full["trainable"] == full["total"] == total
     assert top["trainable"] == HeadRestriction(base, heads).apply().count_trainable() < full["trainable"]
     assert top["total"] == total
-    for arm in (full, top):
+    # LoRA: r x (in + out) for q, k, v, o of each layer, from the base model's own shapes; % of the base model.
+    layers = [m for n, m in base.named_modules() if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))]
+    assert len(layers) == 8 and lora["trainable"] == sum(4 * (m.in_features + m.out_features) for m in layers)
+    assert lora["total"] == total and lora["lora"] == {"r": 4, "alpha": 8.0, "dropout": 0.0, "n_modules": 8,
+                                                        "modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+    assert f"| {lora['trainable']:,} | {100 * lora['trainable'] / total:.3f}% |" in report
+    for arm in (full, top, lora):
         assert arm["optimizer_state"] == 2 * arm["trainable"]  # AdamW: exp_avg + exp_avg_sq
         summary = json.loads((out / Path(arm["directory"]).name / "fit_summary.json").read_text())
         assert arm["val_loss"] == summary["after"]["val_loss"] and arm["steps"] == 4
@@ -93,7 +118,7 @@ def test_compare_two_arms_writes_a_report_with_checked_numbers(tiny_llama_dir, t
         assert f"| {arm['name']} |" in report and f"{arm['trainable']:,}" in report and f"{arm['val_loss']:.4f}" in report
 
     # Same shared config in every arm, per-arm folders and one W&B group.
-    for slug, name in (("full", "full"), ("top-0.25", "top:0.25")):
+    for slug, name in (("full", "full"), ("top-0.25", "top:0.25"), ("lora-4", "lora:4")):
         overrides = yaml.safe_load((out / slug / "arm.yaml").read_text())["trainer"]
         # save_dir null: the logger follows the arm's run folder (default_root_dir), like every output.
         assert overrides["default_root_dir"] == str(out / slug)
@@ -102,6 +127,9 @@ def test_compare_two_arms_writes_a_report_with_checked_numbers(tiny_llama_dir, t
         assert (out / slug / "heads" / "ap_history.safetensors").is_file() and (out / slug / "metrics.jsonl").is_file()
         assert next((out / slug / "wandb").glob("offline-run-*")).is_dir()
     assert not (out / "full" / "heads" / "selection.json").exists()
+    lora_callback = yaml.safe_load((out / "lora-4" / "arm.yaml").read_text())["trainer"]["callbacks"][-2]
+    assert lora_callback == {"class_path": "lit_heads.callbacks.lora.LoRAFinetuning",
+                             "init_args": {"alpha": None, "dropout": 0.0, "targets": None, "r": 4}}
     assert not (tmp_path / "runs").exists()  # nothing went to the shared config's run folder
 
 

@@ -1,11 +1,11 @@
-"""The full-vs-head-restricted comparison report: read each arm's run folder back, write a markdown
+"""The full vs head-restricted vs LoRA comparison report: read each arm's run folder back, write a markdown
 table and PNG plots.
 
 An arm folder is what `lit_heads compare` gives every `lit_heads fit` run:
 
     fit_summary.json              val loss/accuracy before and after fit (FitSummary)
     arm_stats.json                loss curves, step times, peak memory, trained/optimizer-state
-                                  sizes (lit_heads.commands.compare.ArmStats)
+                                  sizes, LoRA options (lit_heads.commands.compare.ArmStats)
     heads/ap_history.safetensors  activation patterns over training (HeadActivationMonitor)
     heads/selection.json          the trained heads and exact counts (HeadRestrictedFinetuning only)
 
@@ -42,7 +42,8 @@ class ArmResult:
     peak_cuda_mb: float | None
     steps: int
     wall_s: float | None = None
-    heads: list[tuple[int, int]] | None = None  # None for full SFT
+    heads: list[tuple[int, int]] | None = None  # None for full SFT and LoRA
+    lora: dict | None = None  # LoRA arms: r, alpha, dropout, modules (short names), n_modules
     val_curve: list[tuple[int, float]] = field(default_factory=list)
     train_curve: list[tuple[int, float]] = field(default_factory=list)
     history: PatternHistory | None = None
@@ -71,7 +72,7 @@ def load_arm(directory: str | Path, name: str, wall_s: float | None = None) -> A
         val_loss=float(after["val_loss"]), val_acc=after.get("val_acc"), val_acc_n=after.get("val_acc_n"),
         step_time_s=float(stats["step_time_median_s"]), peak_rss_mb=float(stats["peak_rss_mb"]),
         peak_cuda_mb=stats.get("peak_cuda_mb"), steps=int(summary["steps"]), wall_s=wall_s,
-        heads=[tuple(h) for h in selection["heads"]] if selection else None,
+        heads=[tuple(h) for h in selection["heads"]] if selection else None, lora=stats.get("lora"),
         val_curve=[tuple(p) for p in stats["val_curve"]], train_curve=[tuple(p) for p in stats["train_curve"]],
         history=PatternHistory.load(history_file) if history_file.is_file() else None,
     )
@@ -97,6 +98,8 @@ def table_rows(arms: list[ArmResult]) -> list[list[str]]:
         change = a.ap_change
         n_heads = a.history.scores[0].numel() if a.history is not None else None
         heads = "all" if a.heads is None else (f"{len(a.heads)} / {n_heads}" if n_heads else str(len(a.heads)))
+        if a.lora is not None:
+            heads = f"LoRA r={a.lora['r']} on {', '.join(a.lora['modules'])}"
         acc = format_accuracy(a)
         memory = f"{a.peak_rss_mb / 1024:.2f} GiB RSS" + (f", {a.peak_cuda_mb / 1024:.2f} GiB CUDA" if a.peak_cuda_mb else "")
         rows.append([
@@ -195,10 +198,11 @@ def _save(fig, path: str | Path) -> Path:
 
 
 # ---- the report -----------------------------------------------------------------------------------
-def write_report(arms: list[ArmResult], out_dir: str | Path, *, title: str = "Full vs head-restricted SFT",
+def write_report(arms: list[ArmResult], out_dir: str | Path, *, title: str | None = None,
                  command: str | None = None, notes: list[str] | None = None) -> Path:
     """Write `report.md`, `losses.png`, `ap_change.png` and `results.json` into `out_dir`."""
     out = Path(out_dir)
+    title = title or "Full vs head-restricted SFT" + (" vs LoRA" if any(a.lora for a in arms) else "")
     losses = plot_losses(arms, out / "losses.png")
     ap = plot_ap_change(arms, out / "ap_change.png")
     steps = sorted({a.steps for a in arms})
@@ -210,8 +214,9 @@ def write_report(arms: list[ArmResult], out_dir: str | Path, *, title: str = "Fu
         "",
         markdown_table(arms),
         "",
-        "- **trainable params**: the exact number of trained scalars (head deltas for restricted arms); "
-        "**optimizer state**: scalars in AdamW's state tensors (2 × trainable).",
+        "- **trainable params**: the exact number of trained scalars (head deltas for restricted arms, the adapters' "
+        "A and B matrices, r × (in + out) per adapted layer, for LoRA arms); **% of model**: of the base model's "
+        "parameters; **optimizer state**: scalars in AdamW's state tensors (2 × trainable).",
         "- **final val loss**: `val/loss`, the response-token cross-entropy summed over the whole validation set "
         "and divided by its number of response tokens, before → after fit (FitSummary); the validation curve in "
         "the plot is the same number at each validation. **final val acc**: greedy exact match on the first n "

@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from lit_heads.callbacks.lora import unwrap_peft
 from lit_heads.errors import ConfigError
 from lit_heads.heads import stats
 from lit_heads.heads.history import PatternHistory
@@ -112,7 +113,8 @@ class HeadActivationMonitor(L.Callback):
 
     def record(self, trainer, pl_module) -> Pattern:
         step = trainer.global_step
-        pattern = compute_ap(pl_module.model, self._probe_batches, progress=False, meta={"step": step, "data": f"probe:{self.probe}"})
+        pattern = compute_ap(unwrap_peft(pl_module.model), self._probe_batches, progress=False,
+                             meta={"step": step, "data": f"probe:{self.probe}"})
         metrics = self.history.append(step, pattern.scores, top_k=self.top_k)
         free = self._reduce_free(trainer, pattern.scores.shape) if self.free else None
         if trainer.is_global_zero:
@@ -130,7 +132,7 @@ class HeadActivationMonitor(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.free:
             self._labels = batch["labels"]
-            self._capture = HeadGateCapture(pl_module.model).__enter__()
+            self._capture = HeadGateCapture(unwrap_peft(pl_module.model)).__enter__()
 
     def on_after_backward(self, trainer, pl_module):
         if self._capture is None:

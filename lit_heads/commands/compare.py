@@ -1,14 +1,17 @@
-"""`lit_heads compare`: full SFT against head-restricted SFT arms, from one config, in one report.
+"""`lit_heads compare`: full SFT against head-restricted SFT and LoRA arms, from one config, in one report.
 
-    lit_heads compare --config configs/compare.yaml --arms full top:0.1 random:0.1 bottom:0.1
+    lit_heads compare --config configs/compare.yaml --arms full top:0.1 random:0.1 bottom:0.1 lora:30
     lit_heads compare --config configs/compare.yaml --arms full top:8 list:heads.npy --output out/k8 \\
         --trainer.max_steps 50          # any other flag goes to every arm's `lit_heads fit`
 
 Arms: `full` (every weight trains) or `<strategy>:<size>` with strategy top, bottom or random and
 size a fraction of all heads (`0.1`, `10%`) or a count (`8`); `list:<file>` trains the heads of a
-head-list file. Each arm is a separate `lit_heads fit` process on the same config(s) — same seed,
-data and step budget — so its peak memory is its own; the W&B runs share one group. Each arm's run
-folder is `<output>/<arm>`, with its resolved overrides in `arm.yaml` and its output in `fit.log`.
+head-list file; `lora:<r>` trains LoRA adapters of rank r through PEFT (`LoRAFinetuning`) on the
+attention projections, or on the named linear layers with `lora:<r>:<name>,<name>` (`--lora_targets`
+sets them for every LoRA arm; `--lora_alpha`, `--lora_dropout`). Each arm is a separate `lit_heads fit`
+process on the same config(s) — same seed, data and step budget — so its peak memory is its own; the
+W&B runs share one group. Each arm's run folder is `<output>/<arm>`, with its resolved overrides in
+`arm.yaml` and its output in `fit.log`.
 The report (`<output>/report.md`, `losses.png`, `ap_change.png`, `results.json`) is written by
 `lit_heads.analysis.report`.
 
@@ -41,6 +44,7 @@ from lit_heads.errors import ConfigError, LitHeadsError
 from lit_heads.heads.selection import STRATEGIES
 
 RESTRICTED = "lit_heads.callbacks.head_restricted.HeadRestrictedFinetuning"
+LORA = "lit_heads.callbacks.lora.LoRAFinetuning"
 MONITOR = "lit_heads.callbacks.head_monitor.HeadActivationMonitor"
 SUMMARY = "lit_heads.callbacks.fit_summary.FitSummary"
 ARM_STATS = "lit_heads.commands.compare.ArmStats"
@@ -56,27 +60,36 @@ class Arm:
     top_k: int | None = None
     fraction: float | None = None
     heads: str | None = None
+    lora_r: int | None = None  # strategy "lora"
+    lora_targets: tuple[str, ...] | None = None  # None: --lora_targets, else LoRAFinetuning's default
 
     @property
     def slug(self) -> str:
         """Folder / run name: the spec with file-system-safe characters."""
         return re.sub(r"[^A-Za-z0-9_.-]+", "-", self.spec.replace(":", "-")).strip("-")
 
-    def callback(self, **options) -> dict | None:
+    def callback(self, restricted: dict, lora: dict) -> dict | None:
+        """The arm's callback spec; `restricted` and `lora` are the compare options of each kind."""
         if self.strategy is None:
             return None
+        if self.strategy == "lora":
+            targets = list(self.lora_targets) if self.lora_targets else lora.get("targets")
+            return {"class_path": LORA, "init_args": {**lora, "r": self.lora_r, "targets": targets}}
         init = {"strategy": self.strategy, "top_k": self.top_k, "fraction": self.fraction, "heads": self.heads}
-        return {"class_path": RESTRICTED, "init_args": {**init, **options}}
+        return {"class_path": RESTRICTED, "init_args": {**init, **restricted}}
 
 
 def parse_arm(spec: str) -> Arm:
-    """`full`, `<top|bottom|random>:<fraction|N%|count>` or `list:<head-list file>`."""
+    """`full`, `<top|bottom|random>:<fraction|N%|count>`, `list:<head-list file>` or `lora:<r>[:<targets>]`."""
     spec = spec.strip()
     if spec == "full":
         return Arm(spec)
     strategy, _, size = spec.partition(":")
     usage = ("Write an arm as 'full', '<strategy>:<size>' with strategy top, bottom or random and size a fraction "
-             "(0.1 or 10%) or a number of heads (8), or 'list:<head-list file>'.")
+             "(0.1 or 10%) or a number of heads (8), 'list:<head-list file>', or 'lora:<r>' / "
+             "'lora:<r>:<module>,<module>' (LoRA of rank r, e.g. lora:8 or lora:8:q_proj,v_proj).")
+    if strategy == "lora":
+        return _parse_lora(spec, size, usage)
     if strategy not in STRATEGIES or not size:
         raise ConfigError(f"Cannot read arm {spec!r}. {usage}")
     if strategy == "list":
@@ -89,6 +102,18 @@ def parse_arm(spec: str) -> Arm:
         return Arm(spec, strategy, top_k=int(size))
     except ValueError:
         raise ConfigError(f"Cannot read the size {size!r} of arm {spec!r}. {usage}") from None
+
+
+def _parse_lora(spec: str, size: str, usage: str) -> Arm:
+    rank, colon, targets = size.partition(":")
+    try:
+        r = int(rank)
+    except ValueError:
+        raise ConfigError(f"Cannot read the LoRA rank {rank!r} of arm {spec!r}. {usage}") from None
+    names = tuple(t.strip() for t in targets.split(",")) if colon else None
+    if names is not None and not all(names):
+        raise ConfigError(f"Cannot read the LoRA target modules {targets!r} of arm {spec!r}. {usage}")
+    return Arm(spec, "lora", lora_r=r, lora_targets=names)
 
 
 def peak_rss_mb() -> float:
@@ -143,15 +168,18 @@ class ArmStats(L.Callback):
         # Before the head deltas are merged (on_fit_end): what the optimizer held is still there.
         optimizer = trainer.optimizers[0]
         trained = [p for group in optimizer.param_groups for p in group["params"]]
-        from lit_heads.callbacks.head_restricted import HeadRestrictedFinetuning
+        from lit_heads.callbacks.lora import LoRAFinetuning
+        from lit_heads.module import model_size
 
-        restricted = next((c for c in trainer.callbacks if isinstance(c, HeadRestrictedFinetuning)), None)
+        lora = next((c for c in trainer.callbacks if isinstance(c, LoRAFinetuning)), None)
         self.sizes = {
             "trainable": sum(p.numel() for p in trained),
-            # With deltas the module holds base weights *and* deltas; the model's size is the base.
-            "total": restricted.summary["total"] if restricted else sum(p.numel() for p in pl_module.model.parameters()),
+            # Head deltas or LoRA adapters sit beside the base weights; the model's size is the base.
+            "total": model_size(pl_module.model),
             "optimizer_state": sum(t.numel() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0),
         }
+        if lora is not None:
+            self.sizes["lora"] = {k: lora.summary[k] for k in ("r", "alpha", "dropout", "modules", "n_modules")}
 
     def on_fit_end(self, trainer, pl_module):
         if not trainer.is_global_zero:
@@ -179,6 +207,9 @@ def compare(
     n_score_samples: int = 32,
     seed: int = 0,
     fit_args: list[str] | None = None,
+    lora_targets: list[str] | None = None,
+    lora_alpha: float | None = None,
+    lora_dropout: float = 0.0,
 ) -> Path:
     """Run every arm as a `lit_heads fit`, then write the report. Returns the report path."""
     from lit_heads.analysis.report import format_accuracy, load_arm, markdown_table, write_report
@@ -201,18 +232,27 @@ def compare(
     group = name or f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     base = _read_configs(config)
     options = {"kv": kv, "n_score_samples": n_score_samples, "seed": seed}
+    lora_options = {"alpha": lora_alpha, "dropout": lora_dropout, "targets": lora_targets}
     # Checked here, before any arm runs, instead of failing in the second arm's fit.
     from lit_heads.callbacks.head_restricted import HeadRestrictedFinetuning
+    from lit_heads.callbacks.lora import LoRAFinetuning
 
+    lora_arms = []
     for arm in parsed:
-        if arm.strategy is not None:
-            HeadRestrictedFinetuning(**arm.callback(**options)["init_args"])
+        spec = arm.callback(options, lora_options)
+        if spec is not None and spec["class_path"] == LORA:
+            lora_arms.append(LoRAFinetuning(**spec["init_args"]))
+        elif spec is not None:
+            HeadRestrictedFinetuning(**spec["init_args"])
+    if any(c.targets is not None for c in lora_arms):
+        _check_lora_targets(_model_name(config, fit_args or []), lora_arms)
 
     results = []
     for n, arm in enumerate(parsed, start=1):
         arm_dir = _fresh_dir(out / arm.slug)
         overrides = arm_dir / "arm.yaml"
-        overrides.write_text(yaml.safe_dump(_arm_config(base, arm, arm_dir, group, options), sort_keys=False))
+        arm_config = _arm_config(base, arm, arm_dir, group, options, lora_options)
+        overrides.write_text(yaml.safe_dump(arm_config, sort_keys=False))
         command = [sys.executable, "-m", "lit_heads.cli", "fit", *[a for c in config for a in ("--config", c)],
                    "--config", str(overrides), *(fit_args or [])]
         print(f"[{n}/{len(parsed)}] {arm.spec}: lit_heads fit ... (log: {arm_dir / 'fit.log'})", flush=True)
@@ -244,14 +284,14 @@ def _read_configs(paths: list[str]) -> dict:
     return merged
 
 
-def _arm_config(base: dict, arm: Arm, arm_dir: Path, group: str, options: dict) -> dict:
+def _arm_config(base: dict, arm: Arm, arm_dir: Path, group: str, options: dict, lora_options: dict) -> dict:
     """The per-arm overrides: the shared callbacks with per-run folders moved into the arm folder,
-    the arm's head restriction, the measurement callback, and a logger grouped by the comparison."""
+    the arm's head restriction or LoRA, the measurement callback, and a logger grouped by the comparison."""
     callbacks = []
     for entry in base["callbacks"] or []:
         spec = {"class_path": entry} if isinstance(entry, str) else {**entry, "init_args": dict(entry.get("init_args") or {})}
         short = spec["class_path"].rsplit(".", 1)[-1]
-        if short == "HeadRestrictedFinetuning":
+        if short in ("HeadRestrictedFinetuning", "LoRAFinetuning"):
             continue  # the arm decides what trains
         if short in _PER_RUN_CALLBACKS:
             spec["init_args"].pop("dirpath", None)
@@ -262,9 +302,9 @@ def _arm_config(base: dict, arm: Arm, arm_dir: Path, group: str, options: dict) 
         callbacks.append({"class_path": MONITOR})
     if "FitSummary" not in shorts:
         callbacks.append({"class_path": SUMMARY})
-    restricted = arm.callback(**options)
-    if restricted:
-        callbacks.append(restricted)
+    trains = arm.callback(options, lora_options)
+    if trains:
+        callbacks.append(trains)
     callbacks.append({"class_path": ARM_STATS, "init_args": {"path": str(arm_dir / "arm_stats.json")}})
 
     logger = base["logger"] if isinstance(base["logger"], dict) else {}
@@ -277,6 +317,41 @@ def _arm_config(base: dict, arm: Arm, arm_dir: Path, group: str, options: dict) 
         "logger": {"class_path": "lit_heads.loggers.WandbLogger", "init_args": logger_args},
         "callbacks": callbacks,
     }}
+
+
+def _model_name(configs: list[str], fit_args: list[str]) -> str:
+    """The `model.model` the arms' fits will load: the last config that sets it, then `--model.model`."""
+    from lit_heads.models import DEFAULT_MODEL
+
+    name = DEFAULT_MODEL
+    for path in configs:
+        model = (yaml.safe_load(Path(path).read_text()) or {}).get("model")
+        if isinstance(model, dict) and model.get("model"):
+            name = str(model["model"])
+    for i, arg in enumerate(fit_args):
+        if arg == "--model.model" and i + 1 < len(fit_args):
+            name = fit_args[i + 1]
+        elif arg.startswith("--model.model="):
+            name = arg.split("=", 1)[1]
+    return name
+
+
+def _check_lora_targets(model_name: str, callbacks: list) -> None:
+    """Named LoRA targets must be linear layers of the model: checked on a weightless copy built from
+    the model's config (meta device), before any arm trains."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lit_heads.callbacks.lora import resolve_targets
+    from lit_heads.models import resolve
+
+    try:
+        config = AutoConfig.from_pretrained(resolve(model_name).path)
+    except OSError:
+        return  # not readable here (e.g. a hub id offline): the arm's own fit reports it
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    for callback in callbacks:
+        resolve_targets(skeleton, callback.targets)
 
 
 def _fresh_dir(path: Path) -> Path:
@@ -336,11 +411,21 @@ def main(argv: list[str]) -> None:
     )
     parser.add_argument("--config", action="append", required=True, help="fit config shared by every arm; repeat to stack configs")
     parser.add_argument("--arms", nargs="+", default=["full", "top:0.1", "random:0.1", "bottom:0.1"],
-                        help="arms: full, <top|bottom|random>:<fraction|N%%|count>, list:<file> (default: %(default)s)")
+                        help="arms: full, <top|bottom|random>:<fraction|N%%|count>, list:<file>, "
+                             "lora:<r>[:<module>,...] (default: %(default)s)")
     parser.add_argument("--output", default="out/compare", help="report folder; arm runs go to <output>/<arm> (default: %(default)s)")
     parser.add_argument("--name", default=None, help="W&B group of the arms' runs (default: compare-<date-time>)")
     parser.add_argument("--kv", default="group", choices=["group", "none"], help="GQA key/value policy of restricted arms")
     parser.add_argument("--n_score_samples", type=int, default=32, help="training examples that rank heads by AP (top/bottom arms)")
     parser.add_argument("--seed", type=int, default=0, help="seed of random arms")
+    parser.add_argument("--lora_targets", default=None,
+                        help="linear layers LoRA arms adapt, comma-separated (q_proj,v_proj) or all-linear; an "
+                             "arm's own lora:<r>:<modules> wins (default: every linear layer of the attention modules)")
+    parser.add_argument("--lora_alpha", type=float, default=None,
+                        help="LoRA scale alpha (update x alpha / r; default 2 r)")
+    parser.add_argument("--lora_dropout", type=float, default=0.0,
+                        help="dropout on the LoRA adapters' input (default: %(default)s)")
     args, fit_args = parser.parse_known_args(argv)
-    compare(args.config, args.arms, args.output, args.name, args.kv, args.n_score_samples, args.seed, fit_args)
+    targets = [t.strip() for t in args.lora_targets.split(",")] if args.lora_targets is not None else None
+    compare(args.config, args.arms, args.output, args.name, args.kv, args.n_score_samples, args.seed, fit_args,
+            targets, args.lora_alpha, args.lora_dropout)
