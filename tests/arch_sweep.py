@@ -56,6 +56,9 @@ TINY = dict(
     shared_expert_intermediate_size=32, n_shared_experts=1, moe_num_experts=4, moe_k=2, n_group=1, topk_group=1,
     # multi-head latent attention (DeepSeek): small ranks
     kv_lora_rank=32, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+    index_head_dim=16, index_n_heads=2, index_topk=4,
+    # per-layer token embeddings (Gemma 3n / 4)
+    vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=8,
     # partial rotary embeddings that fit in head_dim 16
     rotary_dim=8,
     # BERT-style families are decoders only when asked to be
@@ -76,7 +79,7 @@ CONFIG_FIXES: dict[str, dict] = {
     "dots3_note": dict(text_config=dict(num_key_value_heads=4)),
     "dots3_note_text": dict(num_key_value_heads=4),
     "falcon_h1": dict(mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16, mamba_chunk_size=4),
-    "gemma3n_text": dict(num_kv_shared_layers=0, hidden_size_per_layer_input=8, altup_num_inputs=2,
+    "gemma3n_text": dict(num_kv_shared_layers=0, altup_num_inputs=2,
                          laurel_rank=8, layer_types=["sliding_attention", "full_attention"],
                          activation_sparsity_pattern=[0.0, 0.0]),
     "gpt_neo": dict(attention_types=[[["global", "local"], 1]], window_size=4),
@@ -127,6 +130,8 @@ def tiny_kwargs(cls, model_type: str | None = None, depth: int = 0) -> dict:
     amap = getattr(cls, "attribute_map", {})
     if amap.get("num_key_value_heads", 1) == amap.get("num_attention_heads", 2):
         kw.pop("num_key_value_heads", None)  # both names point at one field (Whisper): keep the head count
+    if "kv_lora_rank" in fields and "num_key_value_heads" in kw:
+        kw["num_key_value_heads"] = kw["num_attention_heads"]  # latent attention: one KV head per head
     default = None
     try:
         default = cls()
@@ -186,8 +191,9 @@ def head_inputs(model, layout, input_ids):
     finally:
         for h in hooks:
             h.remove()
-    B, T = input_ids.shape
-    return [got[i].view(B, T, layout.n_heads, lh.head_dim) for i, lh in enumerate(layout.layers)]
+    B = input_ids.shape[0]
+    # view(B, -1, ...): a model may prepend tokens of its own (CPM-Ant's learned prompt)
+    return [got[i].view(B, -1, layout.n_heads, lh.head_dim) for i, lh in enumerate(layout.layers)]
 
 
 def negate(slices):

@@ -15,14 +15,16 @@ Nothing here is registered per architecture. Discovery has two parts:
    exact without knowing them by name. The output projection is the last linear the attention module
    calls; head_dim is its input width / heads. Every other linear the attention calls is cut into
    head_dim-sized blocks of output features, and each block is negated in its own batch row, once
-   at every position and once at a single position. Which head columns of the output projection's
-   input then change, and how, tells for each block the head(s) it feeds and its role: a query block
-   changes one head at that position only; a key or value block changes all heads of one KV group
-   at later positions too; a value block negates those heads' outputs exactly (attention is linear
-   in the values). Negation keeps the norm of the whole projection output, so models that normalise
-   q or k across all heads (OLMo 2) are probed correctly. The forward stops after the last probed
-   layer, so the probe costs about one layer on a few dozen 5-token rows; its result is cached per
-   model object.
+   at every position and once at every position but the last. Which head columns of the output
+   projection's input then change, and how, tells for each block the head(s) it feeds and its role:
+   a query block changes one head and leaves the last position alone when only earlier positions
+   are negated (that position is computed from its own query); a key or value block changes all
+   heads of one KV group, the last position included; a value block negates those heads' outputs
+   exactly (attention is linear in the values). Negation keeps the norm of the whole projection
+   output, so models that normalise q or k across all heads (OLMo 2) are probed correctly. Batch
+   rows are computed independently, so a head that a block does not feed stays equal to the
+   baseline row (up to a few float32 ulps). The forward stops after the last probed layer, so the
+   probe costs about one layer on a few dozen 5-token rows; its result is cached per model object.
 
 Whatever does not fit (a block that feeds several query heads, overlapping KV groups, layers with
 different head counts, attention in only some layers, no attention at all) raises `ModelError`
@@ -416,7 +418,6 @@ class _StopProbe(Exception):
 
 
 _T = 5  # tokens per probe row
-_AT = 2  # the single position of the local perturbation
 
 
 def _forward_kwargs(model: nn.Module) -> dict:
@@ -571,7 +572,7 @@ def _probe(model: nn.Module, arch: str, layers: nn.ModuleList, probed: list[int]
         structure[li] = (an, attn, o_name, o_proj, head_dim, projs)
 
     # Pass 2: one baseline row, then per block of every projection a row negated at every
-    # position ("global") and a row negated at position _AT only ("local").
+    # position ("global") and a row negated at every position but the last ("local").
     jobs = [(li, pi, b, kind) for li in probed for pi, (_, m, block) in enumerate(structure[li][5])
             for b in range(_out_width(m) // block) for kind in ("global", "local")]
     rows = 1 + len(jobs)
@@ -606,8 +607,7 @@ def _raise_stop(module, args, output):
 
 def _sign_hook(glob: torch.Tensor, loc: torch.Tensor, rows: int, name: str):
     """Multiplies the module's output [rows, tokens, features] by -1 where `glob` [rows, features]
-    says so at every token, and where `loc` says so at the probe's single position (counted from
-    the end, so tokens a model prepends, such as learned prompts, do not shift it)."""
+    says so, at every token, and where `loc` says so, at every token but the last."""
 
     def hook(module, args, output):
         if not isinstance(output, torch.Tensor) or output.dim() < 2 or output.shape[:-1].numel() % rows:
@@ -617,7 +617,7 @@ def _sign_hook(glob: torch.Tensor, loc: torch.Tensor, rows: int, name: str):
         if out.shape[1] < _T:
             raise HeadsNotFound(f"probe: `{name}` saw {out.shape[1]} tokens per row, fewer than the {_T} given.")
         sign = glob[:, None, :].repeat(1, out.shape[1], 1)
-        sign[:, out.shape[1] - _T + _AT] *= loc
+        sign[:, :-1] *= loc[:, None, :]
         return (out * sign.to(device=out.device, dtype=out.dtype)).view(output.shape)
 
     return hook
@@ -640,7 +640,7 @@ def _read_probe(arch, li, an, o_name, x, jobs, projs, n_heads, head_dim) -> _Pla
     where = f"{arch}: layer {li}"
 
     def effect(r):
-        return (x[r] - base).abs().amax(dim=2) / size > _UNCHANGED  # [T, H]: changed
+        return (x[r] - base).abs().amax(dim=2) / size  # [T, H], relative to each head's size
 
     found: dict[tuple[int, int], dict[str, object]] = {}
     for r, (_, pi, b, kind) in jobs:
@@ -652,17 +652,19 @@ def _read_probe(arch, li, an, o_name, x, jobs, projs, n_heads, head_dim) -> _Pla
         ln, m, block = projs[pi]
         r_glob, glob = res["global"]
         _, loc = res["local"]
-        heads = frozenset(int(h) for h in glob.any(dim=0).nonzero().flatten())
-        loc_heads = frozenset(int(h) for h in loc.any(dim=0).nonzero().flatten())
+        heads = frozenset(int(h) for h in (glob > _UNCHANGED).any(dim=0).nonzero().flatten())
+        loc_heads = frozenset(int(h) for h in (loc > _UNCHANGED).any(dim=0).nonzero().flatten())
         feats = list(range(b * block, (b + 1) * block))
         label = f"{where}: features {feats[0]}..{feats[-1]} of `{an}.{ln}`"
         if not heads:
             raise HeadsNotFound(f"{label} change no head's output; find_heads cannot place them.", "unsupported")
-        if loc_heads != heads:
+        if not loc_heads <= heads:
             raise HeadsNotFound(
-                f"{label} feed heads {sorted(heads)} when changed everywhere but heads {sorted(loc_heads)} when "
-                f"changed at one position; not a per-head projection.")
-        later = bool(loc[_AT + 1:].any())
+                f"{label} feed heads {sorted(heads)} when changed everywhere but also heads "
+                f"{sorted(loc_heads - heads)} when changed at one position; not a per-head projection.")
+        # Negated at every position but the last: query-side features leave the last position as it
+        # was (it is computed from its own query alone); keys and values of earlier tokens reach it.
+        later = bool((loc[-1] > _UNCHANGED).any())
         if not later:  # changes only the position it was changed at: query-side features
             if len(heads) != 1:
                 raise HeadsNotFound(
