@@ -581,24 +581,67 @@ def _probe(model: nn.Module, arch: str, layers: nn.ModuleList, probed: list[int]
         _, m, block = structure[li][5][pi]
         glob, loc = signs.setdefault((li, pi), (torch.ones(rows, _out_width(m)), torch.ones(rows, _out_width(m))))
         (glob if kind == "global" else loc)[r, b * block:(b + 1) * block] = -1
+    captured = _signed_forward(model, arch, structure, probed, signs, rows)
+    plans = {}
+    for li in probed:
+        an, attn, o_name, o_proj, head_dim, projs = structure[li]
+        x = captured[li].float().view(rows, _T, n_heads, head_dim)
+        mine = [(r, j) for r, j in enumerate(jobs, start=1) if j[0] == li]
+        plans[li] = _read_probe(arch, li, an, o_name, x, mine, projs, n_heads, head_dim)
+
+    # Pass 3: a model computing more, narrower heads than the config counts would pass the above,
+    # every block feeding one column group. Scaling half of a real head's query features by -8
+    # reshapes its attention and so moves every one of its output columns; a narrower head's change
+    # stays in its own columns, the others keep their exact values. (Per-head output gates move only
+    # their own columns, so one query block per head moving them all is enough.)
+    halves = []
+    for li in probed:
+        for pi, (ln, m, block) in enumerate(structure[li][5]):
+            for h, feats in plans[li].roles.get(ln, {}).get("q", {}).items():
+                for start in range(0, len(feats), block):
+                    chunk = feats[start:start + block]
+                    halves.append((li, pi, h, chunk[:max(1, len(chunk) // 2)]))
+    rows = 1 + len(halves)
+    signs = {}
+    for r, (li, pi, h, feats) in enumerate(halves, start=1):
+        width = _out_width(structure[li][5][pi][1])
+        signs.setdefault((li, pi), (torch.ones(rows, width), torch.ones(rows, width)))[0][r, feats] = -8
+    captured = _signed_forward(model, arch, structure, probed, signs, rows)
+    for li in probed:
+        head_dim = structure[li][4]
+        x = captured[li].float().view(rows, _T, n_heads, head_dim)
+        whole = set()
+        for r, (l, _, h, _) in enumerate(halves, start=1):
+            moved = (x[r, :, h] - x[0, :, h]).abs().amax(dim=0)  # per output column
+            if l == li and bool(moved.min() > 1e-3 * moved.max() > 0):
+                whole.add(h)
+        narrow = sorted(set(range(n_heads)) - whole)
+        if narrow:
+            raise HeadsNotFound(
+                f"{arch}: layer {li}: the query features of heads {narrow} move only part of their {head_dim} output "
+                f"columns, so the model computes more, narrower heads than the {n_heads} its config counts (a "
+                f"per-layer head count); lit_heads needs the same heads in every layer.")
+    return plans
+
+
+def _signed_forward(model, arch, structure, probed, signs, rows) -> dict[int, torch.Tensor]:
+    """One probe forward of `rows` rows with the projection outputs multiplied by `signs`; returns
+    each probed layer's output-projection input [rows, _T, features]."""
+    last = max(probed)
     captured: dict[int, torch.Tensor] = {}
     hooks = []
     for li in probed:
         an, attn, o_name, o_proj, head_dim, projs = structure[li]
         for pi, (ln, m, _) in enumerate(projs):
-            hooks.append(m.register_forward_hook(_sign_hook(*signs[(li, pi)], rows, f"{an}.{ln}")))
+            if (li, pi) in signs:
+                hooks.append(m.register_forward_hook(_sign_hook(*signs[(li, pi)], rows, f"{an}.{ln}")))
         hooks.append(o_proj.register_forward_pre_hook(_capture_hook(captured, li, rows, li == last)))
-    _run(model, _probe_ids(model, rows, device), hooks, arch)
-
-    plans = {}
+    _run(model, _probe_ids(model, rows, _model_device(model)), hooks, arch)
     for li in probed:
-        an, attn, o_name, o_proj, head_dim, projs = structure[li]
         if li not in captured:
+            an, _, o_name = structure[li][:3]
             raise HeadsNotFound(f"{arch}: layer {li}: the output projection `{an}.{o_name}` did not run in the probe.")
-        x = captured[li].float().view(rows, _T, n_heads, head_dim)
-        mine = [(r, j) for r, j in enumerate(jobs, start=1) if j[0] == li]
-        plans[li] = _read_probe(arch, li, an, o_name, x, mine, projs, n_heads, head_dim)
-    return plans
+    return captured
 
 
 def _raise_stop(module, args, output):
@@ -704,7 +747,8 @@ def _read_probe(arch, li, an, o_name, x, jobs, projs, n_heads, head_dim) -> _Pla
     if q_heads != all_heads or covered != all_heads:
         raise HeadsNotFound(
             f"{where}: query features found for heads {sorted(q_heads)} and key/value features for heads "
-            f"{sorted(covered)}, of {n_heads} heads; every head needs both.")
+            f"{sorted(covered)}, of {n_heads} heads; every head needs both (a layer that reuses the keys and "
+            f"values of another layer has none of its own).")
     group_index = {g: i for i, g in enumerate(groups)}
     for ln, role, heads, feats in kv_blocks:
         roles.setdefault(ln, {}).setdefault(role, {}).setdefault(group_index[heads], []).extend(feats)
@@ -757,8 +801,8 @@ def find_heads(model: nn.Module) -> HeadLayout:
     if len(without) == len(layer_list):
         raise HeadsNotFound(
             f"{arch} ({type(model).__name__}): none of its {len(layer_list)} {type(layer_list[0]).__name__} layers has "
-            f"an attention module, so it has no attention heads to score or train (a state-space or recurrent "
-            f"model).", "no attention")
+            f"an attention module made of linear projections, so there are no attention heads to score or train "
+            f"(a state-space or recurrent model, or attention written with bare weight tensors).", "no attention")
     if without:
         raise HeadsNotFound(
             f"{arch} ({type(model).__name__}): a hybrid model: layers {without} of {len(layer_list)} have no attention "
