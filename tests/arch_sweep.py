@@ -122,7 +122,8 @@ _HYBRID = "hybrid: some layers have no softmax attention (patterns are layers x 
 _LINEAR = "hybrid: linear-attention layers next to softmax attention"
 NOT_APPLICABLE: dict[str, tuple[str, str]] = {
     **{mt: ("heads mixed", _MLA) for mt in ("axk1", "axk2", "deepseek_v2", "deepseek_v3", "deepseek_v32",
-                                             "glm4_moe_lite", "glm_moe_dsa", "hy_v4", "minicpm3", "sarvam_mla", "youtu")},
+                                             "glm4_moe_lite", "glm_moe_dsa", "hy_v4", "minicpm3", "sarvam_mla",
+                                             "youtu")},
     **{mt: ("no attention", _SSM) for mt in ("falcon_mamba", "mamba", "mamba2")},
     "xlstm": ("no attention", "no attention: a recurrent model (xLSTM)"),
     "xlnet": ("no attention", "two-stream relative attention written with bare weight tensors, no projection modules"),
@@ -133,7 +134,8 @@ NOT_APPLICABLE: dict[str, tuple[str, str]] = {
     **{mt: ("heads mixed", _LINEAR) for mt in ("bailing_hybrid", "kimi_linear", "minimax", "olmo_hybrid")},
     "bitnet": ("heads mixed", "a norm over all heads (`attn_sub_norm`) sits between the heads and `o_proj`"),
     "dory": ("heads mixed", "a norm over all heads (`attn_sub_norm`) sits between the heads and `o_proj`"),
-    "diffllama": ("heads mixed", "differential attention: heads are subtracted in pairs and normalised before `o_proj`"),
+    "diffllama": ("heads mixed",
+                  "differential attention: heads are subtracted in pairs and normalised before `o_proj`"),
     "prophetnet": ("heads mixed", "encoder-decoder n-gram decoder whose relative-position projection spans heads"),
     "doge": ("unsupported", "dynamic-mask attention: a mask projection from the values that feeds no single head"),
     "jetmoe": ("unsupported", "mixture of attention heads: q and o projections are routed experts"),
@@ -204,7 +206,8 @@ def tiny_kwargs(cls, model_type: str | None = None, depth: int = 0) -> dict:
         pass
     if default is not None:
         types = _layer_types(default)
-        if types is not None and dataclasses.is_dataclass(cls) and "layer_types" in {f.name for f in dataclasses.fields(cls)}:
+        declared = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+        if types is not None and "layer_types" in declared:  # a real field, not a property
             kw["layer_types"] = types
         if getattr(default, "sliding_window", 1) is None:
             kw.pop("sliding_window", None)  # off by default: leave it off
@@ -449,7 +452,8 @@ def render_table(outcomes: dict[str, Outcome]) -> str:
     ]
     for o in rows:
         if o.status == "exact":
-            note = where(o.layout) + ("" if o.detail == "interface" else "; reference Γ from eager `output_attentions`")
+            how = "" if o.detail == "interface" else "; reference Γ from eager `output_attentions`"
+            note = where(o.layout) + how
         elif o.status == "n/a":
             note = NOT_APPLICABLE.get(o.model_type, ("", o.detail))[1]
         elif o.status == "xfail":

@@ -755,7 +755,8 @@ def _read_probe(arch, li, an, o_name, x, jobs, projs, n_heads, head_dim) -> _Pla
     for gi in range(len(groups)):
         for role in ("k", "v"):
             if not any(gi in per.get(role, {}) for per in roles.values()):
-                raise HeadsNotFound(f"{where}: KV group {sorted(groups[gi])} has no {'key' if role == 'k' else 'value'} "
+                what = "key" if role == "k" else "value"
+                raise HeadsNotFound(f"{where}: KV group {sorted(groups[gi])} has no {what} "
                                     f"features (values are recognised by attention being linear in them).")
     return _Plan(an, o_name, n_heads, head_dim, tuple(tuple(sorted(g)) for g in groups), roles)
 
@@ -794,7 +795,8 @@ def find_heads(model: nn.Module) -> HeadLayout:
             try:
                 candidates[li] = [(override.attention, _get_path(layer, override.attention))]
             except AttributeError:
-                raise HeadsNotFound(f"{arch}: layer {li} has no `{override.attention}` (ARCHITECTURES override).") from None
+                raise HeadsNotFound(
+                    f"{arch}: layer {li} has no `{override.attention}` (ARCHITECTURES override).") from None
         else:
             candidates[li] = _attention_candidates(layer)
     without = [li for li, c in candidates.items() if not c]
@@ -856,7 +858,8 @@ def find_heads(model: nn.Module) -> HeadLayout:
             m = _get_path(attn, ln)
             name = module_names.get(id(m), f"layers.{li}.{plan.attention}.{ln}")
             for role, rows in by_role.items():
-                per_role[role].append(_Proj(m, name, _out_dim(m), {i: torch.tensor(sorted(r)) for i, r in rows.items()}))
+                by_index = {i: torch.tensor(sorted(r)) for i, r in rows.items()}
+                per_role[role].append(_Proj(m, name, _out_dim(m), by_index))
         layers.append(LayerHeads(
             index=li, attention=attn, o_proj=o_proj,
             o_proj_name=module_names.get(id(o_proj), f"layers.{li}.{plan.attention}.{plan.o_proj}"),
