@@ -383,7 +383,7 @@ def _which_ran(model: nn.Module, modules: list[nn.Module], arch: str) -> list[bo
     ran = [False] * len(modules)
     hooks = [m.register_forward_hook(lambda *a, i=i: ran.__setitem__(i, True)) for i, m in enumerate(modules)]
     _check_probeable(model, arch)
-    with _eval(model):
+    with _EvalMode(model):
         _run(model, _probe_ids(model, 1, _model_device(model)), hooks, arch)
     return ran
 
@@ -429,7 +429,7 @@ def _forward_kwargs(model: nn.Module) -> dict:
     return {"use_cache": False} if ("use_cache" in params or accepts_any) else {}
 
 
-class _eval:
+class _EvalMode:
     """Eval mode (no dropout, no checkpointing) for the probe; every module's mode restored after."""
 
     def __init__(self, model: nn.Module):
@@ -489,8 +489,7 @@ def _check_probeable(model: nn.Module, arch: str) -> None:
             raise HeadsNotFound(
                 f"{arch}: find_heads runs the model once on a few tokens to locate the heads, but parameter {name} "
                 f"is {'on the meta device' if p.device.type == 'meta' else 'sharded (DTensor)'}. Call find_heads "
-                f"on the loaded model before sharding it (the layout stays valid after sharding: pass it on as "
-                f"layout=...)."
+                f"on the loaded model before sharding it."
             )
 
 
@@ -506,14 +505,13 @@ class _Plan:
 
     attention: str  # path inside the layer
     o_proj: str  # path inside the attention module
-    n_heads: int
     head_dim: int
     groups: tuple[tuple[int, ...], ...]
     roles: dict[str, dict[str, dict[int, list[int]]]]  # proj path -> role -> head/group -> rows
 
 
-def _probe(model: nn.Module, arch: str, layers: nn.ModuleList, probed: list[int],
-           candidates: dict[int, list[tuple[str, nn.Module]]], n_heads: int) -> dict[int, _Plan]:
+def _probe(model: nn.Module, arch: str, probed: list[int], candidates: dict[int, list[tuple[str, nn.Module]]],
+           n_heads: int) -> dict[int, _Plan]:
     device = _model_device(model)
     last = max(probed)
 
@@ -758,7 +756,7 @@ def _read_probe(arch, li, an, o_name, x, jobs, projs, n_heads, head_dim) -> _Pla
                 what = "key" if role == "k" else "value"
                 raise HeadsNotFound(f"{where}: KV group {sorted(groups[gi])} has no {what} "
                                     f"features (values are recognised by attention being linear in them).")
-    return _Plan(an, o_name, n_heads, head_dim, tuple(tuple(sorted(g)) for g in groups), roles)
+    return _Plan(an, o_name, head_dim, tuple(tuple(sorted(g)) for g in groups), roles)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -786,6 +784,11 @@ def find_heads(model: nn.Module) -> HeadLayout:
     override = ARCHITECTURES.get(arch)
     if override is not None and override.refuse:
         raise HeadsNotFound(f"{arch}: {override.refuse}", "refused")
+    # The same modules and parameters give the same layout (training changes values only).
+    fingerprint = (tuple((id(m), type(m)) for m in model.modules()), tuple(id(p) for p in model.parameters()), override)
+    cached = _CACHE.get(model)
+    if cached is not None and cached[0] == fingerprint:
+        return cached[1]
     text_config = _text_config(config)
     layer_list = _decoder_layers(model, text_config, override, arch)
 
@@ -811,12 +814,6 @@ def find_heads(model: nn.Module) -> HeadLayout:
             f"module. lit_heads' patterns are layers x heads over every decoder layer, so hybrids are not supported.",
             "hybrid")
 
-    fingerprint = tuple((id(m), tuple(id(lin) for _, lin in _linears(m)), _signature(m))
-                        for c in candidates.values() for _, m in c)
-    cached = _CACHE.get(model)
-    if cached is not None and cached[0] == fingerprint:
-        return cached[1]
-
     n_heads = _config_int(text_config, *_HEAD_COUNT_NAMES)
     if n_heads is None:
         attn0 = candidates[0][0][1]
@@ -834,8 +831,8 @@ def find_heads(model: nn.Module) -> HeadLayout:
         sig_of[li] = sig
         first_of.setdefault(sig, li)
     _check_probeable(model, arch)
-    with _eval(model):
-        plans = _probe(model, arch, layer_list, sorted(first_of.values()), candidates, n_heads)
+    with _EvalMode(model):
+        plans = _probe(model, arch, sorted(first_of.values()), candidates, n_heads)
 
     head_dims = {p.head_dim for p in plans.values()}
     kv_counts = {len(p.groups) for p in plans.values()}
