@@ -37,6 +37,7 @@ from __future__ import annotations
 import inspect
 import re
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +53,7 @@ __all__ = [
     "LayerHeads",
     "Override",
     "ParamSlice",
+    "eval_mode",
     "find_heads",
     "unwrap_model",
 ]
@@ -383,7 +385,7 @@ def _which_ran(model: nn.Module, modules: list[nn.Module], arch: str) -> list[bo
     ran = [False] * len(modules)
     hooks = [m.register_forward_hook(lambda *a, i=i: ran.__setitem__(i, True)) for i, m in enumerate(modules)]
     _check_probeable(model, arch)
-    with _EvalMode(model):
+    with eval_mode(model):
         _run(model, _probe_ids(model, 1, _model_device(model)), hooks, arch)
     return ran
 
@@ -429,18 +431,16 @@ def _forward_kwargs(model: nn.Module) -> dict:
     return {"use_cache": False} if ("use_cache" in params or accepts_any) else {}
 
 
-class _EvalMode:
-    """Eval mode (no dropout, no checkpointing) for the probe; every module's mode restored after."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self):
-        self.modes = {m: m.training for m in self.model.modules()}
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        for m, mode in self.modes.items():
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Eval mode (no dropout, no checkpointing) for a look at the model; every module's own mode
+    is restored afterwards."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes.items():
             m.training = mode
 
 
@@ -831,7 +831,7 @@ def find_heads(model: nn.Module) -> HeadLayout:
         sig_of[li] = sig
         first_of.setdefault(sig, li)
     _check_probeable(model, arch)
-    with _EvalMode(model):
+    with eval_mode(model):
         plans = _probe(model, arch, sorted(first_of.values()), candidates, n_heads)
 
     head_dims = {p.head_dim for p in plans.values()}

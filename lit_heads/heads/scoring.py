@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lit_heads.errors import ConfigError, DataError
-from lit_heads.heads.layout import HeadLayout, find_heads, unwrap_model
+from lit_heads.heads.layout import HeadLayout, eval_mode, find_heads, unwrap_model
 from lit_heads.heads.pattern import FORMULA_VERSION, Pattern
 
 __all__ = ["HeadGateCapture", "compute_ap", "per_sample_loss", "per_sample_scale"]
@@ -286,15 +286,9 @@ def _padding_changes_nothing(model: nn.Module) -> bool:
     ids = ids.to(device)
     padded = torch.cat([torch.full((1, 3), int(ids[0, 0]), device=device), ids], dim=1)
     mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 6, dtype=torch.long)], dim=1).to(device)
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            alone = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits.float()
-            behind = model(input_ids=padded, attention_mask=mask, use_cache=False).logits[:, 3:].float()
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+    with eval_mode(model), torch.no_grad():
+        alone = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits.float()
+        behind = model(input_ids=padded, attention_mask=mask, use_cache=False).logits[:, 3:].float()
     # Rotary embeddings at shifted positions differ by rounding only; shifted absolute position
     # embeddings change the logits by orders of magnitude more.
     tol = 1e-3 if alone.dtype == torch.float32 and emb.weight.dtype == torch.float32 else 5e-2
