@@ -187,7 +187,7 @@ CASES = {
     # ---- model and checkpoints ----------------------------------------------------------------
     "unknown-architecture": (
         lambda ws, m: ["ap", "--model", str(unsupported_model_dir(ws, m)), "--data", "generated:arithmetic", "--n_samples", "2"],
-        ["Architecture 'bloom'", "not supported", "llama"]),
+        ["mamba (MambaForCausalLM)", "has an attention module", "no attention heads to score or train"]),
     "checkpoint-of-another-model": (
         lambda ws, m: fit_args(ws, m, "", "--ckpt_path", "other_model.ckpt"),
         ["other_model.ckpt does not fit this model", "another shape", "[97, 32] in the checkpoint"]),
@@ -238,12 +238,13 @@ CASES = {
 
 
 def unsupported_model_dir(ws: Path, tokenizer_dir: Path) -> Path:
-    """A tiny BLOOM (an architecture transformers knows but lit_heads' head layout does not)."""
-    from transformers import AutoTokenizer, BloomConfig, BloomForCausalLM
+    """A tiny Mamba (a causal LM transformers knows, without attention heads to find)."""
+    from transformers import AutoTokenizer, MambaConfig, MambaForCausalLM
 
-    path = ws / "tiny-bloom"
+    path = ws / "tiny-mamba"
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    BloomForCausalLM(BloomConfig(vocab_size=len(tok), hidden_size=16, n_layer=1, n_head=2)).save_pretrained(path)
+    config = MambaConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, state_size=4)
+    MambaForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 

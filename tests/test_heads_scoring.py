@@ -1,94 +1,30 @@
 """AP scoring against an independent eager reference that differentiates the attention matrix Γ.
 
-The reference registers its own attention function (explicit softmax, Γ kept with retain_grad) and
-its own causal+padding mask function with transformers, so it shares neither the kernel nor the
-mask code with the models under test; it backpropagates each sample's loss separately and computes
-Eq. 2 literally: AP[l, h] = mean_b |Σ_{q,k} Γ ∂L_b/∂Γ|.
+The reference (tests/ap_reference.py) registers its own attention function (explicit softmax, Γ kept)
+and its own causal+padding mask function with transformers, so it shares neither the kernel nor the
+mask code with the models under test (models outside the attention interface give Γ through eager
+`output_attentions`); it backpropagates each sample's loss separately and computes Eq. 2 literally:
+AP[l, h] = mean_b |Σ_{q,k} Γ ∂L_b/∂Γ|.
 """
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface, AttentionMaskInterface
 
+from ap_reference import REF, max_rel_err, reference_ap_of
 from lit_heads.errors import DataError
 from lit_heads.heads import HeadGateCapture, compute_ap, find_heads, per_sample_scale
 from lit_heads.heads.pattern import FORMULA_VERSION
 from tiny_models import sft_batch, tiny_model
 
-REF = "lit_heads_ref_eager"
-_GAMMAS: list[torch.Tensor] = []
-
-
-def _ref_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    n_rep = query.shape[1] // key.shape[1]
-    key = key.repeat_interleave(n_rep, dim=1)
-    value = value.repeat_interleave(n_rep, dim=1)
-    if scaling is None:
-        scaling = query.shape[-1] ** -0.5
-    assert attention_mask is not None, "reference mask function not used: the model would run non-causal"
-    logits = (query @ key.transpose(-1, -2)) * scaling + attention_mask[..., : key.shape[-2]]
-    gamma = torch.softmax(logits.float(), dim=-1)
-    gamma.retain_grad()
-    _GAMMAS.append(gamma)
-    out = gamma.to(value.dtype) @ value
-    return out.transpose(1, 2).contiguous(), gamma
-
-
-def _ref_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, dtype=torch.float32,
-              **kwargs):
-    device = attention_mask.device if attention_mask is not None else "cpu"
-    q = torch.arange(q_length, device=device)[:, None] + q_offset
-    k = torch.arange(kv_length, device=device)[None, :] + kv_offset
-    allowed = (k <= q)[None, None].expand(batch_size, 1, q_length, kv_length)
-    if attention_mask is not None:
-        allowed = allowed & attention_mask[:, None, None, :kv_length].bool()
-    # finfo.min, not -inf: fully masked query rows (left padding) stay finite.
-    return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)
-
-
-AttentionInterface.register(REF, _ref_attention)
-AttentionMaskInterface.register(REF, _ref_mask)
-
-
-def _ref_losses(logits, labels):
-    """Per-sample token-mean CE over response tokens, written out position by position."""
-    out = []
-    for b in range(labels.shape[0]):
-        terms = [
-            -torch.log_softmax(logits[b, t].float(), dim=-1)[labels[b, t + 1]]
-            for t in range(labels.shape[1] - 1)
-            if labels[b, t + 1] != -100
-        ]
-        out.append(torch.stack(terms).mean())
-    return out
-
 
 def reference_ap(arch, batch, **model_kw):
     """Returns (AP [L, H] as float64, per-sample signed scores [B, L, H])."""
-    model = tiny_model(arch, attn_implementation=REF, **model_kw)
-    _GAMMAS.clear()
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    logits = model(**inputs, use_cache=False).logits
-    gammas = list(_GAMMAS)
-    assert len(gammas) == model.config.num_hidden_layers
-    losses = _ref_losses(logits, batch["labels"])
-    per_sample = []
-    for b, loss in enumerate(losses):
-        for g in gammas:
-            g.grad = None
-        loss.backward(retain_graph=True)
-        per_sample.append(torch.stack([(g * g.grad)[b].sum(dim=(-1, -2)) for g in gammas]).double())
-    per_sample = torch.stack(per_sample)
-    return per_sample.abs().mean(0), per_sample
-
-
-def max_rel_err(got, ref):
-    got, ref = torch.as_tensor(got, dtype=torch.float64), torch.as_tensor(ref, dtype=torch.float64)
-    return ((got - ref).abs() / ref.abs()).max().item()
+    model = tiny_model(arch, **model_kw)
+    ap, per_sample, _ = reference_ap_of(model, batch, n_layers=model.config.num_hidden_layers)
+    return ap, per_sample
 
 
 def test_reference_is_the_same_model_and_causal():
@@ -107,21 +43,73 @@ def test_reference_is_the_same_model_and_causal():
 ACCURACY: dict[str, float] = {}
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "qwen3", "gpt_neox", "opt", "phi3"])
+AP_ARCHS = ["llama", "gpt2", "qwen2", "qwen3", "gpt_neox", "opt", "phi3", "gemma2", "gemma3_text", "falcon",
+            "falcon_gqa", "gpt_bigcode", "codegen"]
+
+
+# transformers has no SDPA path for these (Gemma 2: with attention-logit softcapping).
+NO_SDPA = {"bloom", "gemma2"}
+
+
+@pytest.mark.parametrize("arch", AP_ARCHS + ["bloom"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_compute_ap_matches_gamma_reference(arch, attn):
+    if arch in NO_SDPA and attn == "sdpa":
+        pytest.skip(f"{arch}: transformers has no SDPA implementation for this config")
     batch = sft_batch(lengths=(12, 9, 5, 7), prompt_lengths=(4, 3, 1, 6), seed=2)
     ref, _ = reference_ap(arch, batch)
     model = tiny_model(arch, attn_implementation=attn)
     pattern = compute_ap(model, [batch], progress=False)
-    assert pattern.shape == (2, 4)
+    assert pattern.shape == (2, model.config.num_attention_heads)
     assert torch.all(ref > 0)
     err = max_rel_err(pattern.scores, ref)
     ACCURACY[f"{arch}/{attn}"] = err
     print(f"max rel err {arch}/{attn}: {err:.2e}")
     assert err <= 1e-4, err
     assert pattern.meta["n_samples"] == 4 and pattern.meta["formula_version"] == FORMULA_VERSION
-    assert pattern.meta["arch"] == arch
+    assert pattern.meta["arch"] == model.config.model_type
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "llama"])
+def test_left_padding_without_position_ids_matches_right_padding(arch):
+    """GPT-2's absolute positions made a left-padded batch without position_ids score 0.40 off;
+    compute_ap now numbers each sample's real tokens from 0 whatever the padding side."""
+    kw = dict(lengths=(10, 6, 8), prompt_lengths=(3, 2, 5), seed=4)
+    right, left = sft_batch(**kw), sft_batch(**kw, padding_side="left")
+    assert "position_ids" not in left
+    ref, _ = reference_ap(arch, right)
+    model = tiny_model(arch, attn_implementation="sdpa")
+    assert max_rel_err(compute_ap(model, [left], progress=False).scores, ref) <= 1e-4
+    # And each sample alone, unpadded, gives the same pattern on average.
+    alone = [compute_ap(model, [{k: v[b:b + 1, -n:] for k, v in left.items()}], progress=False).scores
+             for b, n in enumerate(kw["lengths"])]
+    assert max_rel_err(torch.stack(alone).mean(0), ref) <= 1e-4
+
+
+def test_capture_refuses_left_padding_where_positions_are_absolute():
+    batch = sft_batch(lengths=(10, 6, 8), prompt_lengths=(3, 2, 5), seed=4, padding_side="left")
+    gpt2 = tiny_model("gpt2")
+    with HeadGateCapture(gpt2), pytest.raises(DataError, match="left-padded batch without position_ids.*GPT2"):
+        gpt2(**batch)
+    # With position ids, or on a model that derives them from the mask (OPT), it scores as usual.
+    positions = (batch["attention_mask"].cumsum(1) - 1).clamp(min=0)
+    for model, extra in ((gpt2, {"position_ids": positions}), (tiny_model("opt"), {})):
+        with HeadGateCapture(model) as cap:
+            model(**batch, **extra).loss.backward()
+            signed = cap.pop(scale=per_sample_scale(batch["labels"]))
+        expected = compute_ap(model, [batch], progress=False).scores
+        assert max_rel_err(signed.abs().mean(0), expected) <= 1e-4
+
+
+def test_left_padding_refused_where_the_model_takes_no_position_ids():
+    # BART's decoder used as a causal LM has learned absolute positions and no position_ids input.
+    import arch_sweep
+
+    model = arch_sweep.tiny_model("bart")
+    left = sft_batch(lengths=(10, 6), prompt_lengths=(3, 2), seed=4, padding_side="left")
+    with pytest.raises(DataError, match="AP batch 0 is left-padded.*takes no position_ids.*Pad the batch on the right"):
+        compute_ap(model, [left], progress=False)
+    compute_ap(model, [sft_batch(lengths=(10, 6), prompt_lengths=(3, 2), seed=4)], progress=False)  # right: fine
 
 
 def test_left_padding_with_position_ids_matches_reference():

@@ -57,6 +57,41 @@ _CONFIGS = {
     ),
 }
 
+# Fused and multi-query layouts whose slices discovery must get exactly right, and the Gemma
+# generations lit_heads bundles or users try first.
+_CONFIGS.update({
+    # Falcon MQA (the original layout): fused rows [q of every head | one k | one v].
+    "falcon": (
+        transformers.FalconConfig,
+        dict(_COMMON, multi_query=True, new_decoder_architecture=False, alibi=False, bias=True, parallel_attn=True),
+    ),
+    # Falcon's new decoder architecture, GQA: rows per KV group [its q heads | k | v].
+    "falcon_gqa": (
+        transformers.FalconConfig,
+        dict(_COMMON, new_decoder_architecture=True, num_kv_heads=2, alibi=False, bias=True),
+    ),
+    # BLOOM: rows per head [q | k | v] (like GPT-NeoX), ALiBi positions.
+    "bloom": (transformers.BloomConfig, dict(_IDS, vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4)),
+    # GPT-BigCode MQA: Conv1D-free Linear c_attn with rows [q of every head | one k | one v].
+    "gpt_bigcode": (
+        transformers.GPTBigCodeConfig,
+        dict(_IDS, vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=64, multi_query=True),
+    ),
+    # CodeGen: qkv_proj rows in 4 blocks (mp_num), each [q | v | k] of a quarter of the heads.
+    "codegen": (
+        transformers.CodeGenConfig,
+        dict(_IDS, vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=8, n_positions=64, n_inner=64, rotary_dim=4),
+    ),
+    # Gemma 3: sliding-window and full layers, head_dim 256 (as in Gemma 3 270M), 1 KV head.
+    "gemma3_text": (
+        transformers.Gemma3TextConfig,
+        dict(_COMMON, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=4,
+             layer_types=["sliding_attention", "full_attention"]),
+    ),
+})
+# Gemma 2 with attention-logit softcapping small enough to matter on a tiny model.
+_CONFIGS["gemma2"][1].update(attn_logit_softcapping=0.5, final_logit_softcapping=3.0, sliding_window=4)
+
 ARCHS = sorted(_CONFIGS)
 
 

@@ -2,7 +2,7 @@
 pattern statistics and the Pattern artifact. No Lightning imports here: the same code serves
 callbacks, the CLI and notebooks."""
 
-from lit_heads.heads.layout import HeadLayout, LayerHeads, ParamSlice, find_heads, supported_architectures
+from lit_heads.heads.layout import HeadLayout, HeadsNotFound, LayerHeads, ParamSlice, find_heads
 from lit_heads.heads.pattern import FORMULA_VERSION, Pattern, heatmap
 from lit_heads.heads.scoring import HeadGateCapture, compute_ap, per_sample_loss, per_sample_scale
 
@@ -10,6 +10,7 @@ __all__ = [
     "FORMULA_VERSION",
     "HeadGateCapture",
     "HeadLayout",
+    "HeadsNotFound",
     "LayerHeads",
     "ParamSlice",
     "Pattern",
@@ -18,5 +19,4 @@ __all__ = [
     "heatmap",
     "per_sample_loss",
     "per_sample_scale",
-    "supported_architectures",
 ]

@@ -1,37 +1,72 @@
-"""Where the attention heads are in a Hugging Face causal LM.
+"""Where the attention heads are in a Hugging Face causal LM, discovered from the model itself.
 
-`find_heads(model)` returns a `HeadLayout`: per layer, the attention output projection (whose *input*
-is the concatenation of the head outputs, the tensor AP scoring hooks) and slice descriptors telling
-which rows/columns of which parameters belong to one query head or one KV group. Head-restricted
-training (restrict.py) and scoring (scoring.py) both build on it, so every architecture is described
-once, here, in `ARCHITECTURES`.
+`find_heads(model)` returns a `HeadLayout`: per decoder layer, the attention module, its output
+projection (whose *input* is the concatenation of the head outputs, the tensor AP scoring hooks) and
+slice descriptors telling which rows/columns of which parameters belong to one query head or one KV
+group. Head-restricted training (restrict.py) and scoring (scoring.py) both build on it.
 
-Adding an architecture: add an `_ArchSpec` entry to `ARCHITECTURES` keyed by `config.model_type`,
-naming the path from the base model to its decoder layers, the attention attribute of a layer, the
-output projection, and how q/k/v rows are laid out (separate projections, or one of the fused
-layouts below). Then add the type to the parametrised layout tests (tests/test_heads_layout.py),
-which check every slice against the model's own forward pass.
+Nothing here is registered per architecture. Discovery has two parts:
+
+1. Structure, from the config and the module tree: the decoder layers are the `ModuleList` of the
+   decoder (`get_decoder()`) with `num_hidden_layers` entries; a layer's attention is its outermost
+   submodule whose class is named like an attention module; the number of query heads comes from
+   the config (`num_attention_heads`, whatever the config calls it).
+2. Function, from one short forward pass (`_probe`), which is what makes fused and unusual layouts
+   exact without knowing them by name. The output projection is the last linear the attention module
+   calls; head_dim is its input width / heads. Every other linear the attention calls is cut into
+   head_dim-sized blocks of output features, and each block is negated in its own batch row, once
+   at every position and once at every position but the last. Which head columns of the output
+   projection's input then change, and how, tells for each block the head(s) it feeds and its role:
+   a query block changes one head and leaves the last position alone when only earlier positions
+   are negated (that position is computed from its own query); a key or value block changes all
+   heads of one KV group, the last position included; a value block negates those heads' outputs
+   exactly (attention is linear in the values). Negation keeps the norm of the whole projection
+   output, so models that normalise q or k across all heads (OLMo 2) are probed correctly. Batch
+   rows are computed independently, so a head that a block does not feed stays equal to the
+   baseline row (up to a few float32 ulps). The forward stops after the last probed layer, so the
+   probe costs about one layer on a few dozen 5-token rows; its result is cached per model object.
+
+Whatever does not fit (a block that feeds several query heads, overlapping KV groups, layers with
+different head counts, attention in only some layers, no attention at all) raises `ModelError`
+saying what was found: discovery never guesses. `ARCHITECTURES` holds overrides only: module paths
+for a model whose structure discovery cannot read, or a refusal with a reason.
 """
 
 from __future__ import annotations
 
+import inspect
+import re
+import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lit_heads.errors import ModelError
 
 __all__ = [
     "ARCHITECTURES",
     "HeadLayout",
+    "HeadsNotFound",
     "LayerHeads",
+    "Override",
     "ParamSlice",
+    "eval_mode",
     "find_heads",
-    "supported_architectures",
     "unwrap_model",
 ]
+
+
+class HeadsNotFound(ModelError):
+    """`find_heads` cannot describe this model's heads. `kind` says why, in words the
+    architecture table uses: "no attention", "no heads", "hybrid", "heads mixed", "not runnable",
+    "unsupported", "refused"."""
+
+    def __init__(self, message: str, kind: str = "unsupported"):
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True, eq=False)
@@ -69,18 +104,15 @@ class ParamSlice:
         return per_index * int(self.index.numel())
 
 
-# How the rows of one projection are laid out: (kind, head_or_group) -> output-feature indices.
-_RowFn = Callable[[int], torch.Tensor]
-
-
 @dataclass(eq=False)
 class _Proj:
-    """One q/k/v projection module and how to find a head's output features in it."""
+    """One projection module and, for one role (q, k or v), the output features of each head
+    (q) or KV group (k, v) in it."""
 
     module: nn.Module
     name: str  # qualified module name
-    out_dim: int  # dim of `weight` indexing output features (0 for nn.Linear, 1 for GPT-2 Conv1D)
-    rows: _RowFn
+    out_dim: int  # dim of `weight` indexing output features (0 for nn.Linear, 1 for GPT-2's Conv1D)
+    rows: dict[int, torch.Tensor]
 
 
 @dataclass(eq=False)
@@ -94,56 +126,66 @@ class LayerHeads:
     n_heads: int
     n_kv_heads: int
     head_dim: int
-    _q: _Proj = field(repr=False)
-    _k: _Proj = field(repr=False)
-    _v: _Proj = field(repr=False)
+    _q: list[_Proj] = field(repr=False)
+    _k: list[_Proj] = field(repr=False)
+    _v: list[_Proj] = field(repr=False)
+    _groups: tuple[tuple[int, ...], ...] = field(repr=False)  # query heads of each KV group
     _o_in_dim: int = field(repr=False, default=1)  # dim of o_proj.weight indexing its input features
     _param_names: dict[int, str] = field(repr=False, default_factory=dict)
 
     # -- groups ---------------------------------------------------------------------------------
     def kv_group_of(self, head: int) -> int:
         self._check_head(head)
-        return head // (self.n_heads // self.n_kv_heads)
+        return next(g for g, members in enumerate(self._groups) if head in members)
 
     def heads_of_group(self, group: int) -> list[int]:
         self._check_group(group)
-        per = self.n_heads // self.n_kv_heads
-        return list(range(group * per, (group + 1) * per))
+        return list(self._groups[group])
 
     # -- slices ---------------------------------------------------------------------------------
     def query_slices(self, head: int) -> list[ParamSlice]:
-        """q rows of query head `head` (weight and bias, where there is a bias)."""
+        """Rows of query head `head` in the projections that feed only it (its q rows, and the
+        rows of a per-head output gate where the model has one), weight and bias."""
         self._check_head(head)
         return self._proj_slices(self._q, head)
 
+    def key_slices(self, group: int) -> list[ParamSlice]:
+        """k rows (and biases) of KV group `group`."""
+        self._check_group(group)
+        return self._proj_slices(self._k, group)
+
+    def value_slices(self, group: int) -> list[ParamSlice]:
+        """v rows (and biases) of KV group `group`."""
+        self._check_group(group)
+        return self._proj_slices(self._v, group)
+
     def kv_slices(self, group: int) -> list[ParamSlice]:
         """k and v rows of KV group `group` (shared by `heads_of_group(group)`), with biases."""
-        self._check_group(group)
-        return self._proj_slices(self._k, group) + self._proj_slices(self._v, group)
+        return self.key_slices(group) + self.value_slices(group)
 
     def output_slices(self, head: int) -> list[ParamSlice]:
         """Input columns of the output projection that read head `head`. The o bias is shared by
         all heads and is therefore never part of a head's slices."""
         self._check_head(head)
-        w = self.o_proj.weight
-        idx = self._head_range(head, w.device)
+        w = _weight(self.o_proj)
+        idx = torch.arange(head * self.head_dim, (head + 1) * self.head_dim, device=w.device)
         return [ParamSlice(w, self._pname(w, self.o_proj_name + ".weight"), self._o_in_dim, idx)]
 
     # -- internals ------------------------------------------------------------------------------
-    def _head_range(self, i: int, device) -> torch.Tensor:
-        return torch.arange(i * self.head_dim, (i + 1) * self.head_dim, device=device)
-
     def _pname(self, p: nn.Parameter, fallback: str) -> str:
         return self._param_names.get(id(p), fallback)
 
-    def _proj_slices(self, proj: _Proj, i: int) -> list[ParamSlice]:
-        rows = proj.rows(i)
+    def _proj_slices(self, projs: list[_Proj], i: int) -> list[ParamSlice]:
         out = []
-        w = proj.module.weight
-        out.append(ParamSlice(w, self._pname(w, proj.name + ".weight"), proj.out_dim, rows.to(w.device)))
-        b = getattr(proj.module, "bias", None)
-        if isinstance(b, nn.Parameter):
-            out.append(ParamSlice(b, self._pname(b, proj.name + ".bias"), 0, rows.to(b.device)))
+        for proj in projs:
+            rows = proj.rows.get(i)
+            if rows is None:
+                continue
+            w = _weight(proj.module)
+            out.append(ParamSlice(w, self._pname(w, proj.name + ".weight"), proj.out_dim, rows.to(w.device)))
+            b = _bias(proj.module)
+            if b is not None:
+                out.append(ParamSlice(b, self._pname(b, proj.name + ".bias"), 0, rows.to(b.device)))
         return out
 
     def _check_head(self, head: int) -> None:
@@ -158,13 +200,18 @@ class LayerHeads:
 @dataclass(eq=False)
 class HeadLayout:
     """Where the heads of a model are. `layers[l].o_proj` is the module whose input, viewed as
-    [batch, seq, n_heads, head_dim], holds the head outputs of layer l."""
+    [batch, seq, n_heads, layers[l].head_dim], holds the head outputs of layer l.
+
+    Every layer has `n_heads` query heads. `head_dim` and `n_kv_heads` are None where layers differ
+    in them (Gemma 4's full-attention layers have wider heads than its sliding ones); each layer's
+    own values are on `layers[l]`.
+    """
 
     arch: str
     n_layers: int
     n_heads: int
-    n_kv_heads: int
-    head_dim: int
+    n_kv_heads: int | None
+    head_dim: int | None
     layers: list[LayerHeads]
 
     @property
@@ -176,55 +223,33 @@ class HeadLayout:
         return self.n_layers * self.n_heads
 
     @property
-    def heads_per_group(self) -> int:
-        return self.n_heads // self.n_kv_heads
-
-    def kv_group_of(self, head: int) -> int:
-        return head // self.heads_per_group
-
-    def heads_of_group(self, group: int) -> list[int]:
-        per = self.heads_per_group
-        return list(range(group * per, (group + 1) * per))
+    def heads_per_group(self) -> int | None:
+        return self.n_heads // self.n_kv_heads if self.n_kv_heads else None
 
 
 # ------------------------------------------------------------------------------------------------
-# Architecture registry
+# Overrides
 
 
 @dataclass(frozen=True)
-class _ArchSpec:
-    layers_path: str  # from the base model (`model.base_model`) to the ModuleList of decoder layers
-    attn_attr: str  # attention module inside a layer
-    o_proj: str  # output projection inside the attention module
-    qkv: str  # "separate" | "phi3" | "gpt2" | "neox"
-    q: str = "q_proj"
-    k: str = "k_proj"
-    v: str = "v_proj"
-    fused: str = ""  # name of the fused projection for fused layouts
-    note: str = ""
+class Override:
+    """What to tell `find_heads` about one `config.model_type` that it cannot work out alone.
+
+    layers: path from `model.get_decoder()` to the ModuleList of decoder layers;
+    attention: path from a decoder layer to its attention module;
+    refuse: a reason; `find_heads` then raises `HeadsNotFound` with it (kind "refused").
+    The slices are always probed (see the module docstring), never taken from here.
+    """
+
+    layers: str | None = None
+    attention: str | None = None
+    refuse: str | None = None
 
 
-_LLAMA_LIKE = _ArchSpec(layers_path="layers", attn_attr="self_attn", o_proj="o_proj", qkv="separate")
-
-ARCHITECTURES: dict[str, _ArchSpec] = {
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "mixtral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
-    "gemma": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
-    "phi3": _ArchSpec(layers_path="layers", attn_attr="self_attn", o_proj="o_proj", qkv="phi3", fused="qkv_proj"),
-    "gpt2": _ArchSpec(layers_path="h", attn_attr="attn", o_proj="c_proj", qkv="gpt2", fused="c_attn"),
-    "gpt_neox": _ArchSpec(
-        layers_path="layers", attn_attr="attention", o_proj="dense", qkv="neox", fused="query_key_value"
-    ),
-    "opt": _ArchSpec(layers_path="decoder.layers", attn_attr="self_attn", o_proj="out_proj", qkv="separate"),
-}
-
-
-def supported_architectures() -> list[str]:
-    return sorted(ARCHITECTURES)
+# Empty on purpose: every model type of the installed transformers that lit_heads supports is found
+# without help (README, "Supported architectures"). Add an entry only for a model whose structure
+# discovery cannot read.
+ARCHITECTURES: dict[str, Override] = {}
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -242,26 +267,511 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def _get_path(root: nn.Module, path: str) -> nn.Module:
-    obj = root
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
+# ------------------------------------------------------------------------------------------------
+# Linear-like modules
+
+
+def _weight(module: nn.Module) -> nn.Parameter:
+    # A head-restricted module's `weight` is computed by a parametrization; the parameter that
+    # slices must point at is the original one underneath.
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations.weight.original
+    return module.weight
+
+
+def _bias(module: nn.Module) -> nn.Parameter | None:
+    if parametrize.is_parametrized(module, "bias"):
+        return module.parametrizations.bias.original
+    b = getattr(module, "bias", None)
+    return b if isinstance(b, nn.Parameter) else None
+
+
+def _out_dim(module: nn.Module) -> int | None:
+    """Which dim of `weight` indexes output features, or None for a module that is not a linear
+    map with a [out, in] or [in, out] weight."""
+    if isinstance(module, nn.Linear):
+        return 0
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        return None
+    # transformers' Conv1D (GPT-2 family) stores [in, out] and names its sizes nx (in), nf (out).
+    if getattr(module, "nf", None) == w.shape[1] and getattr(module, "nx", None) == w.shape[0]:
+        return 1
+    if getattr(module, "out_features", None) == w.shape[0] and getattr(module, "in_features", None) == w.shape[1]:
+        return 0
+    return None
+
+
+def _in_width(module: nn.Module) -> int:
+    return _weight(module).shape[1 - _out_dim(module)]
+
+
+def _out_width(module: nn.Module) -> int:
+    return _weight(module).shape[_out_dim(module)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Structure
+
+_ATTENTION_CLASS = re.compile(r"attention|attn", re.IGNORECASE)
+_HEAD_COUNT_NAMES = ("num_attention_heads", "n_head", "num_heads", "n_heads")
+
+
+def _text_config(config):
+    get = getattr(config, "get_text_config", None)
+    if get is None:
+        return config
+    try:
+        return get(decoder=True)
+    except TypeError:
+        return get()
 
 
 def _config_int(config, *names: str) -> int | None:
     for n in names:
         v = getattr(config, n, None)
-        if isinstance(v, int) and v > 0:
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
             return v
     return None
+
+
+def _get_path(root: nn.Module, path: str) -> nn.Module:
+    obj = root
+    for part in path.split(".") if path else ():
+        obj = getattr(obj, part)
+    return obj
+
+
+def _decoder_layers(model: nn.Module, text_config, override: Override | None, arch: str) -> nn.ModuleList:
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    if override is not None and override.layers:
+        try:
+            return _get_path(decoder, override.layers)
+        except AttributeError:
+            raise HeadsNotFound(
+                f"{arch}: the override in lit_heads/heads/layout.py ARCHITECTURES says the decoder layers are at "
+                f"`{override.layers}` of {type(decoder).__name__}, but there is nothing there."
+            ) from None
+    n_layers = _config_int(text_config, "num_hidden_layers", "n_layer", "num_layers", "n_layers")
+    found: list[tuple[str, nn.ModuleList]] = []
+    lists: list[tuple[str, nn.ModuleList]] = []
+    # The decoder first; the whole model where `get_decoder()` names something else (a head).
+    for root in (decoder, model) if decoder is not model else (model,):
+        lists = [(n, m) for n, m in root.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+        with_attention = [(n, m) for n, m in lists if _attention_candidates(m[0])]
+        sized = [(n, m) for n, m in with_attention if len(m) == n_layers]
+        found = sized or with_attention
+        # Nested lists (e.g. several attentions per layer): the outermost ones.
+        found = [(n, m) for n, m in found if not any(n.startswith(o + ".") for o, _ in found if o != n)]
+        if found:
+            break
+    if not found:
+        found = [(n, m) for n, m in lists if len(m) == n_layers]  # no attention anywhere: say so below
+    if len(found) > 1:
+        # E.g. a vision tower next to the text decoder: the decoder is the list that runs on text.
+        ran = _which_ran(model, [m[0] for _, m in found], arch)
+        found = [f for f, r in zip(found, ran) if r]
+    if len(found) == 1:
+        return found[0][1]
+    listed = ", ".join(f"`{n or '.'}` ({len(m)} x {type(m[0]).__name__})" for n, m in (found or lists)[:8]) or "none"
+    raise HeadsNotFound(
+        f"{arch} ({type(model).__name__}): cannot tell which module list holds the decoder layers: the config "
+        f"says num_hidden_layers={n_layers}, and these lists {'run on text' if found else 'exist'}: {listed}. "
+        f"Add Override(layers=...) for {arch!r} to ARCHITECTURES in lit_heads/heads/layout.py."
+    )
+
+
+def _which_ran(model: nn.Module, modules: list[nn.Module], arch: str) -> list[bool]:
+    ran = [False] * len(modules)
+    hooks = [m.register_forward_hook(lambda *a, i=i: ran.__setitem__(i, True)) for i, m in enumerate(modules)]
+    _check_probeable(model, arch)
+    with eval_mode(model):
+        _run(model, _probe_ids(model, 1, _model_device(model)), hooks, arch)
+    return ran
+
+
+def _attention_candidates(layer: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Outermost submodules of `layer` named like attention that hold at least two linear maps (the
+    layer itself where it is such a module)."""
+    named = [
+        (n, m) for n, m in layer.named_modules()
+        if _ATTENTION_CLASS.search(type(m).__name__) and sum(_out_dim(s) is not None for s in m.modules()) >= 2
+    ]
+    inner = [(n, m) for n, m in named if n]
+    if not inner:
+        return named
+    return [(n, m) for n, m in inner if not any(n.startswith(o + ".") for o, _ in inner)]
+
+
+def _linears(attn: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in attn.named_modules() if n and _out_dim(m) is not None]
+
+
+def _signature(attn: nn.Module) -> tuple:
+    return (type(attn), tuple((n, type(m), tuple(_weight(m).shape)) for n, m in _linears(attn)))
+
+
+# ------------------------------------------------------------------------------------------------
+# The probe
+
+
+class _StopProbe(Exception):
+    """Raised by a hook once the last probed layer has run: the rest of the model is not needed."""
+
+
+_T = 5  # tokens per probe row
+
+
+def _forward_kwargs(model: nn.Module) -> dict:
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return {"use_cache": False} if ("use_cache" in params or accepts_any) else {}
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Eval mode (no dropout, no checkpointing) for a look at the model; every module's own mode
+    is restored afterwards."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def _run(model: nn.Module, ids: torch.Tensor, hooks: list, arch: str) -> None:
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, **_forward_kwargs(model))
+    except _StopProbe:
+        pass
+    except HeadsNotFound:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure of the model's own forward is reported as such
+        raise HeadsNotFound(
+            f"{arch}: find_heads runs the model on {ids.shape[1]} token ids to locate its heads, and that forward "
+            f"pass failed ({type(e).__name__}: {e}). A model that needs other inputs than input_ids (another "
+            f"model's hidden states, audio codebooks) cannot be probed.", "not runnable") from e
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _probe_ids(model: nn.Module, rows: int, device) -> torch.Tensor:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None) or 64
+    # Ordinary token ids (past the usual special ids at the start), the same in every row, from a
+    # private generator so the caller's RNG streams are untouched.
+    g = torch.Generator().manual_seed(0)
+    low = min(4, vocab - 1)
+    row = torch.randint(low, max(low + 1, min(vocab, 200)), (_T,), generator=g)
+    return row.expand(rows, _T).contiguous().to(device)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    w = getattr(emb, "weight", None)
+    if isinstance(w, torch.Tensor):
+        return w.device
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _check_probeable(model: nn.Module, arch: str) -> None:
+    for name, p in model.named_parameters():
+        if p.device.type == "meta" or type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor":
+            raise HeadsNotFound(
+                f"{arch}: find_heads runs the model once on a few tokens to locate the heads, but parameter {name} "
+                f"is {'on the meta device' if p.device.type == 'meta' else 'sharded (DTensor)'}. Call find_heads "
+                f"on the loaded model before sharding it."
+            )
+
+
+# A head counts as unchanged when its output moved by at most this much, relative to its own size.
+# Batch rows are computed independently, so an unaffected head is in practice bit-identical to the
+# baseline row, in any precision; a few float32 ulps of slack cover kernels that differ anyway.
+_UNCHANGED = 4 * torch.finfo(torch.float32).eps
+
+
+@dataclass
+class _Plan:
+    """What the probe found for one layer signature; reused for all layers sharing it."""
+
+    attention: str  # path inside the layer
+    o_proj: str  # path inside the attention module
+    head_dim: int
+    groups: tuple[tuple[int, ...], ...]
+    roles: dict[str, dict[str, dict[int, list[int]]]]  # proj path -> role -> head/group -> rows
+
+
+def _probe(model: nn.Module, arch: str, probed: list[int], candidates: dict[int, list[tuple[str, nn.Module]]],
+           n_heads: int) -> dict[int, _Plan]:
+    device = _model_device(model)
+    last = max(probed)
+
+    # Pass 1 (one row): which candidate attention runs, and the order of the linears it calls.
+    calls: dict[int, list[tuple[str, str]]] = {li: [] for li in probed}
+    hooks = []
+    for li in probed:
+        for an, attn in candidates[li]:
+            for ln, lin in _linears(attn):
+                hooks.append(lin.register_forward_hook(
+                    lambda m, a, o, li=li, an=an, ln=ln: calls[li].append((an, ln))))
+        if li == last:
+            for _, attn in candidates[li]:
+                hooks.append(attn.register_forward_hook(_raise_stop))
+    _run(model, _probe_ids(model, 1, device), hooks, arch)
+
+    structure = {}
+    for li in probed:
+        ran = sorted({an for an, _ in calls[li]})
+        if len(ran) != 1:
+            names = [an for an, _ in candidates[li]]
+            raise HeadsNotFound(
+                f"{arch}: layer {li} has attention-like modules {names}, and {len(ran)} of them ran on a plain "
+                f"forward ({ran}); find_heads needs exactly one self-attention per layer. Add "
+                f"Override(attention=...) for {arch!r} to ARCHITECTURES in lit_heads/heads/layout.py."
+            )
+        an = ran[0]
+        attn = dict(candidates[li])[an]
+        order = [ln for a, ln in calls[li] if a == an]
+        o_name = order[-1]
+        o_proj = _get_path(attn, o_name)
+        o_in = _in_width(o_proj)
+        if o_in % n_heads:
+            raise HeadsNotFound(
+                f"{arch}: layer {li}: the last linear map of {type(attn).__name__}, `{o_name}`, reads {o_in} "
+                f"features, which do not split into the config's {n_heads} heads; it is not an output projection "
+                f"over concatenated heads."
+            )
+        head_dim = o_in // n_heads
+        projs = []
+        for ln in dict.fromkeys(order[:-1]):
+            if ln == o_name:
+                continue
+            m = _get_path(attn, ln)
+            width = _out_width(m)
+            # head_dim blocks; else one block per head; a projection narrower than the heads (a per-group
+            # scalar, say) is probed feature by feature.
+            block = head_dim if width % head_dim == 0 else (width // n_heads if width % n_heads == 0 else
+                                                           (1 if width < n_heads else 0))
+            if not block:
+                raise HeadsNotFound(
+                    f"{arch}: layer {li}: `{an}.{ln}` has {width} output features, which split neither into "
+                    f"head_dim={head_dim} blocks nor into {n_heads} per-head blocks."
+                )
+            projs.append((ln, m, block))
+        structure[li] = (an, attn, o_name, o_proj, head_dim, projs)
+
+    # Pass 2: one baseline row, then per block of every projection a row negated at every
+    # position ("global") and a row negated at every position but the last ("local").
+    jobs = [(li, pi, b, kind) for li in probed for pi, (_, m, block) in enumerate(structure[li][5])
+            for b in range(_out_width(m) // block) for kind in ("global", "local")]
+    rows = 1 + len(jobs)
+    signs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    for r, (li, pi, b, kind) in enumerate(jobs, start=1):
+        _, m, block = structure[li][5][pi]
+        glob, loc = signs.setdefault((li, pi), (torch.ones(rows, _out_width(m)), torch.ones(rows, _out_width(m))))
+        (glob if kind == "global" else loc)[r, b * block:(b + 1) * block] = -1
+    captured = _signed_forward(model, arch, structure, probed, signs, rows)
+    plans = {}
+    for li in probed:
+        an, attn, o_name, o_proj, head_dim, projs = structure[li]
+        x = captured[li].float().view(rows, _T, n_heads, head_dim)
+        mine = [(r, j) for r, j in enumerate(jobs, start=1) if j[0] == li]
+        plans[li] = _read_probe(arch, li, an, o_name, x, mine, projs, n_heads, head_dim)
+
+    # Pass 3: a model computing more, narrower heads than the config counts would pass the above,
+    # every block feeding one column group. Scaling half of a real head's query features by -8
+    # reshapes its attention and so moves every one of its output columns; a narrower head's change
+    # stays in its own columns, the others keep their exact values. (Per-head output gates move only
+    # their own columns, so one query block per head moving them all is enough.)
+    halves = []
+    for li in probed:
+        for pi, (ln, m, block) in enumerate(structure[li][5]):
+            for h, feats in plans[li].roles.get(ln, {}).get("q", {}).items():
+                for start in range(0, len(feats), block):
+                    chunk = feats[start:start + block]
+                    halves.append((li, pi, h, chunk[:max(1, len(chunk) // 2)]))
+    rows = 1 + len(halves)
+    signs = {}
+    for r, (li, pi, h, feats) in enumerate(halves, start=1):
+        width = _out_width(structure[li][5][pi][1])
+        signs.setdefault((li, pi), (torch.ones(rows, width), torch.ones(rows, width)))[0][r, feats] = -8
+    captured = _signed_forward(model, arch, structure, probed, signs, rows)
+    for li in probed:
+        head_dim = structure[li][4]
+        x = captured[li].float().view(rows, _T, n_heads, head_dim)
+        whole = set()
+        for r, (l, _, h, _) in enumerate(halves, start=1):
+            moved = (x[r, :, h] - x[0, :, h]).abs().amax(dim=0)  # per output column
+            if l == li and bool(moved.min() > 1e-3 * moved.max() > 0):
+                whole.add(h)
+        narrow = sorted(set(range(n_heads)) - whole)
+        if narrow:
+            raise HeadsNotFound(
+                f"{arch}: layer {li}: the query features of heads {narrow} move only part of their {head_dim} output "
+                f"columns, so the model computes more, narrower heads than the {n_heads} its config counts (a "
+                f"per-layer head count); lit_heads needs the same heads in every layer.")
+    return plans
+
+
+def _signed_forward(model, arch, structure, probed, signs, rows) -> dict[int, torch.Tensor]:
+    """One probe forward of `rows` rows with the projection outputs multiplied by `signs`; returns
+    each probed layer's output-projection input [rows, _T, features]."""
+    last = max(probed)
+    captured: dict[int, torch.Tensor] = {}
+    hooks = []
+    for li in probed:
+        an, attn, o_name, o_proj, head_dim, projs = structure[li]
+        for pi, (ln, m, _) in enumerate(projs):
+            if (li, pi) in signs:
+                hooks.append(m.register_forward_hook(_sign_hook(*signs[(li, pi)], rows, f"{an}.{ln}")))
+        hooks.append(o_proj.register_forward_pre_hook(_capture_hook(captured, li, rows, li == last)))
+    _run(model, _probe_ids(model, rows, _model_device(model)), hooks, arch)
+    for li in probed:
+        if li not in captured:
+            an, _, o_name = structure[li][:3]
+            raise HeadsNotFound(f"{arch}: layer {li}: the output projection `{an}.{o_name}` did not run in the probe.")
+    return captured
+
+
+def _raise_stop(module, args, output):
+    raise _StopProbe
+
+
+def _sign_hook(glob: torch.Tensor, loc: torch.Tensor, rows: int, name: str):
+    """Multiplies the module's output [rows, tokens, features] by -1 where `glob` [rows, features]
+    says so, at every token, and where `loc` says so, at every token but the last."""
+
+    def hook(module, args, output):
+        if not isinstance(output, torch.Tensor) or output.dim() < 2 or output.shape[:-1].numel() % rows:
+            raise HeadsNotFound(f"probe: `{name}` returned {type(output).__name__} "
+                                f"{tuple(getattr(output, 'shape', ()))}, not [rows, tokens, features].")
+        out = output.reshape(rows, -1, output.shape[-1])
+        if out.shape[1] < _T:
+            raise HeadsNotFound(f"probe: `{name}` saw {out.shape[1]} tokens per row, fewer than the {_T} given.")
+        sign = glob[:, None, :].repeat(1, out.shape[1], 1)
+        sign[:, :-1] *= loc[:, None, :]
+        return (out * sign.to(device=out.device, dtype=out.dtype)).view(output.shape)
+
+    return hook
+
+
+def _capture_hook(captured: dict, li: int, rows: int, stop: bool):
+    def hook(module, args):
+        x = args[0]
+        if li not in captured:
+            captured[li] = x.detach().reshape(rows, -1, x.shape[-1])[:, -_T:].clone()
+        if stop:
+            raise _StopProbe
+
+    return hook
+
+
+def _read_probe(arch, li, an, o_name, x, jobs, projs, n_heads, head_dim) -> _Plan:
+    base = x[0]  # [T, H, hd]
+    size = base.abs().amax(dim=(0, 2)).clamp_min(torch.finfo(torch.float32).tiny)  # per head
+    where = f"{arch}: layer {li}"
+
+    def effect(r):
+        return (x[r] - base).abs().amax(dim=2) / size  # [T, H], relative to each head's size
+
+    found: dict[tuple[int, int], dict[str, object]] = {}
+    for r, (_, pi, b, kind) in jobs:
+        found.setdefault((pi, b), {})[kind] = (r, effect(r))
+    roles: dict[str, dict[str, dict[int, list[int]]]] = {}
+    kv_blocks = []
+    q_heads: set[int] = set()
+    for (pi, b), res in sorted(found.items()):
+        ln, m, block = projs[pi]
+        r_glob, glob = res["global"]
+        _, loc = res["local"]
+        heads = frozenset(int(h) for h in (glob > _UNCHANGED).any(dim=0).nonzero().flatten())
+        loc_heads = frozenset(int(h) for h in (loc > _UNCHANGED).any(dim=0).nonzero().flatten())
+        feats = list(range(b * block, (b + 1) * block))
+        label = f"{where}: features {feats[0]}..{feats[-1]} of `{an}.{ln}`"
+        if not heads:
+            raise HeadsNotFound(f"{label} change no head's output; find_heads cannot place them.", "unsupported")
+        if not loc_heads <= heads:
+            raise HeadsNotFound(
+                f"{label} feed heads {sorted(heads)} when changed everywhere but also heads "
+                f"{sorted(loc_heads - heads)} when changed at one position; not a per-head projection.")
+        # Negated at every position but the last: query-side features leave the last position as it
+        # was (it is computed from its own query alone); keys and values of earlier tokens reach it.
+        later = bool((loc[-1] > _UNCHANGED).any())
+        if not later:  # changes only the position it was changed at: query-side features
+            if len(heads) != 1:
+                raise HeadsNotFound(
+                    f"{label} are query-side (they change only their own position) but change the outputs of heads "
+                    f"{sorted(heads)}. Either several heads share these features (a low-rank query projection, as "
+                    f"in multi-head latent attention) or the heads are mixed before the output projection (a norm "
+                    f"across all heads, differential attention); either way the output projection's input is not "
+                    f"a concatenation of independent heads, so neither exact AP nor per-head slices exist.",
+                    "heads mixed")
+            (h,) = heads
+            roles.setdefault(ln, {}).setdefault("q", {}).setdefault(h, []).extend(feats)
+            q_heads.add(h)
+        else:
+            sel = sorted(heads)
+            negated = (x[r_glob][:, sel] + base[:, sel]).abs().amax(dim=(0, 2)) / size[sel]
+            role = "v" if bool((negated <= _UNCHANGED).all()) else "k"
+            kv_blocks.append((ln, role, heads, feats))
+    # Values negate their heads' outputs exactly, whatever the attention weights are, so the value
+    # blocks give the KV groups reliably; every key block must feed one of those groups.
+    groups = sorted({heads for _, role, heads, _ in kv_blocks if role == "v"}, key=min)
+    for a in groups:
+        for b in groups:
+            if a != b and a & b:
+                raise HeadsNotFound(
+                    f"{where}: value features of `{an}` feed the overlapping head sets {sorted(a)} and "
+                    f"{sorted(b)}: values are shared across groups (e.g. a compressed KV projection, as in "
+                    f"multi-head latent attention), so there are no per-group slices.", "heads mixed")
+    for ln, role, heads, feats in kv_blocks:
+        if role == "k" and heads not in groups:
+            raise HeadsNotFound(
+                f"{where}: key features {feats[0]}..{feats[-1]} of `{an}.{ln}` feed heads {sorted(heads)}, which is "
+                f"not one of the KV groups the values form ({[sorted(g) for g in groups]}): keys are shared "
+                f"differently from values (e.g. a compressed KV projection), so there are no per-group slices.",
+                "heads mixed")
+    all_heads = set(range(n_heads))
+    covered = set().union(*groups) if groups else set()
+    if q_heads != all_heads or covered != all_heads:
+        raise HeadsNotFound(
+            f"{where}: query features found for heads {sorted(q_heads)} and key/value features for heads "
+            f"{sorted(covered)}, of {n_heads} heads; every head needs both (a layer that reuses the keys and "
+            f"values of another layer has none of its own).")
+    group_index = {g: i for i, g in enumerate(groups)}
+    for ln, role, heads, feats in kv_blocks:
+        roles.setdefault(ln, {}).setdefault(role, {}).setdefault(group_index[heads], []).extend(feats)
+    for gi in range(len(groups)):
+        for role in ("k", "v"):
+            if not any(gi in per.get(role, {}) for per in roles.values()):
+                what = "key" if role == "k" else "value"
+                raise HeadsNotFound(f"{where}: KV group {sorted(groups[gi])} has no {what} "
+                                    f"features (values are recognised by attention being linear in them).")
+    return _Plan(an, o_name, head_dim, tuple(tuple(sorted(g)) for g in groups), roles)
+
+
+# ------------------------------------------------------------------------------------------------
+# find_heads
+
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, HeadLayout]]" = weakref.WeakKeyDictionary()
 
 
 def find_heads(model: nn.Module) -> HeadLayout:
     """Locate the attention heads of a Hugging Face causal LM (the *ForCausalLM or its base model).
 
-    Raises `ModelError` for an architecture that is not in `ARCHITECTURES` or whose modules do not
-    match the registry entry (e.g. a modified model class).
+    Runs the model once on a few tokens (in eval mode, without gradients, stopping after the probed
+    layers; train/eval modes, parameters and RNG streams are left as found) the first time it sees
+    a model object. Raises `HeadsNotFound` (a `ModelError`) when the heads cannot be described
+    exactly, saying what was found.
     """
     model = unwrap_model(model)
     config = getattr(model, "config", None)
@@ -271,120 +781,91 @@ def find_heads(model: nn.Module) -> HeadLayout:
             f"find_heads needs a Hugging Face transformers model with a `.config.model_type`; got "
             f"{type(model).__name__}. Pass the *ForCausalLM (or its base model) loaded with transformers."
         )
-    spec = ARCHITECTURES.get(arch)
-    if spec is None:
-        raise ModelError(
-            f"Architecture {arch!r} ({type(model).__name__}) is not supported for head scoring. Supported "
-            f"model types: {', '.join(supported_architectures())}. To add one, add an entry for {arch!r} to "
-            f"ARCHITECTURES in lit_heads/heads/layout.py naming its decoder-layer path, attention module, "
-            f"output projection and q/k/v layout, and add it to tests/test_heads_layout.py."
-        )
+    override = ARCHITECTURES.get(arch)
+    if override is not None and override.refuse:
+        raise HeadsNotFound(f"{arch}: {override.refuse}", "refused")
+    # The same modules and parameters give the same layout (training changes values only).
+    fingerprint = (tuple((id(m), type(m)) for m in model.modules()), tuple(id(p) for p in model.parameters()), override)
+    cached = _CACHE.get(model)
+    if cached is not None and cached[0] == fingerprint:
+        return cached[1]
+    text_config = _text_config(config)
+    layer_list = _decoder_layers(model, text_config, override, arch)
 
-    n_heads = _config_int(config, "num_attention_heads", "n_head")
-    n_kv = _config_int(config, "num_key_value_heads") or n_heads
-    hidden = _config_int(config, "hidden_size", "n_embd")
-    if n_heads is None or hidden is None:
-        raise ModelError(f"{arch} config lacks num_attention_heads/hidden_size; cannot locate heads.")
-    # GPT-2, GPT-NeoX and OPT always split hidden evenly; Llama-style models may set head_dim freely
-    # (Gemma: 256 with hidden 2048/3072), so the config value wins where the architecture reads it.
-    head_dim = _config_int(config, "head_dim") if spec.qkv in ("separate", "phi3") and arch != "opt" else None
-    head_dim = head_dim or hidden // n_heads
-    if n_heads % n_kv:
-        raise ModelError(f"{arch}: num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}.")
+    candidates: dict[int, list[tuple[str, nn.Module]]] = {}
+    for li, layer in enumerate(layer_list):
+        if override is not None and override.attention:
+            try:
+                candidates[li] = [(override.attention, _get_path(layer, override.attention))]
+            except AttributeError:
+                raise HeadsNotFound(
+                    f"{arch}: layer {li} has no `{override.attention}` (ARCHITECTURES override).") from None
+        else:
+            candidates[li] = _attention_candidates(layer)
+    without = [li for li, c in candidates.items() if not c]
+    if len(without) == len(layer_list):
+        raise HeadsNotFound(
+            f"{arch} ({type(model).__name__}): none of its {len(layer_list)} {type(layer_list[0]).__name__} layers has "
+            f"an attention module made of linear projections, so there are no attention heads to score or train "
+            f"(a state-space or recurrent model, or attention written with bare weight tensors).", "no attention")
+    if without:
+        raise HeadsNotFound(
+            f"{arch} ({type(model).__name__}): a hybrid model: layers {without} of {len(layer_list)} have no attention "
+            f"module. lit_heads' patterns are layers x heads over every decoder layer, so hybrids are not supported.",
+            "hybrid")
 
-    base = model.base_model if hasattr(model, "base_model") else model
-    try:
-        layer_list = _get_path(base, spec.layers_path)
-    except AttributeError:
-        raise ModelError(
-            f"{arch}: expected decoder layers at `{spec.layers_path}` of {type(base).__name__} but found none; "
-            f"the model class does not match the registry entry in lit_heads/heads/layout.py."
-        ) from None
+    n_heads = _config_int(text_config, *_HEAD_COUNT_NAMES)
+    if n_heads is None:
+        attn0 = candidates[0][0][1]
+        n_heads = _config_int(attn0, *_HEAD_COUNT_NAMES)
+    if n_heads is None:
+        raise HeadsNotFound(
+            f"{arch}: neither the config nor the attention-like module {type(candidates[0][0][1]).__name__} says how "
+            f"many heads there are, so it is not multi-head attention (e.g. RWKV's time mixing).", "no heads")
+
+    # Probe the first layer of each distinct attention structure; the others reuse its plan.
+    first_of: dict[tuple, int] = {}
+    sig_of = {}
+    for li, cands in candidates.items():
+        sig = tuple(_signature(m) for _, m in cands)
+        sig_of[li] = sig
+        first_of.setdefault(sig, li)
+    _check_probeable(model, arch)
+    with eval_mode(model):
+        plans = _probe(model, arch, sorted(first_of.values()), candidates, n_heads)
+
+    head_dims = {p.head_dim for p in plans.values()}
+    kv_counts = {len(p.groups) for p in plans.values()}
 
     module_names = {id(m): n for n, m in model.named_modules()}
     param_names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-
+    seen_modules: set[int] = set()
     layers: list[LayerHeads] = []
     for li, layer in enumerate(layer_list):
-        try:
-            attn = getattr(layer, spec.attn_attr)
-            o_proj = getattr(attn, spec.o_proj)
-            if spec.qkv == "separate":
-                mods = [getattr(attn, n) for n in (spec.q, spec.k, spec.v)]
-            else:
-                mods = [getattr(attn, spec.fused)]
-        except AttributeError as e:
-            raise ModelError(
-                f"{arch}: layer {li} does not have the modules the registry expects ({e}); the model class "
-                f"does not match its entry in lit_heads/heads/layout.py."
-            ) from None
-        q, k, v, o_in_dim = _projections(spec, mods, module_names, n_heads, n_kv, head_dim, hidden)
-        o_in = o_proj.weight.shape[o_in_dim]
-        if o_in != n_heads * head_dim:
-            raise ModelError(
-                f"{arch}: layer {li} output projection reads {o_in} features but the config says "
-                f"{n_heads} heads x head_dim {head_dim} = {n_heads * head_dim}; check config.head_dim."
-            )
-        layers.append(
-            LayerHeads(
-                index=li,
-                attention=attn,
-                o_proj=o_proj,
-                o_proj_name=module_names.get(id(o_proj), f"layers.{li}.{spec.o_proj}"),
-                n_heads=n_heads,
-                n_kv_heads=n_kv,
-                head_dim=head_dim,
-                _q=q,
-                _k=k,
-                _v=v,
-                _o_in_dim=o_in_dim,
-                _param_names=param_names,
-            )
-        )
-    if not layers:
-        raise ModelError(f"{arch}: the model has no decoder layers.")
-    return HeadLayout(arch=arch, n_layers=len(layers), n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim, layers=layers)
-
-
-def _block(i: int, size: int, offset: int = 0) -> torch.Tensor:
-    return torch.arange(offset + i * size, offset + (i + 1) * size)
-
-
-def _projections(spec: _ArchSpec, mods, names, n_heads, n_kv, hd, hidden):
-    """(q, k, v, o_in_dim) for one layer."""
-    if spec.qkv == "separate":
-        qm, km, vm = mods
-        return (
-            _Proj(qm, names.get(id(qm), spec.q), 0, lambda h: _block(h, hd)),
-            _Proj(km, names.get(id(km), spec.k), 0, lambda g: _block(g, hd)),
-            _Proj(vm, names.get(id(vm), spec.v), 0, lambda g: _block(g, hd)),
-            1,
-        )
-    (m,) = mods
-    name = names.get(id(m), spec.fused)
-    if spec.qkv == "phi3":
-        # qkv_proj rows: [q (n_heads*hd) | k (n_kv*hd) | v (n_kv*hd)]
-        return (
-            _Proj(m, name, 0, lambda h: _block(h, hd)),
-            _Proj(m, name, 0, lambda g: _block(g, hd, n_heads * hd)),
-            _Proj(m, name, 0, lambda g: _block(g, hd, (n_heads + n_kv) * hd)),
-            1,
-        )
-    if spec.qkv == "gpt2":
-        # Conv1D stores weight as [in, out]: c_attn output features (q|k|v, each `hidden` wide) are
-        # dim 1, and c_proj's input features (the head outputs) are dim 0.
-        return (
-            _Proj(m, name, 1, lambda h: _block(h, hd)),
-            _Proj(m, name, 1, lambda g: _block(g, hd, hidden)),
-            _Proj(m, name, 1, lambda g: _block(g, hd, 2 * hidden)),
-            0,
-        )
-    if spec.qkv == "neox":
-        # query_key_value output is viewed [n_heads, 3 * hd] and chunked into q, k, v per head.
-        return (
-            _Proj(m, name, 0, lambda h: _block(0, hd, h * 3 * hd)),
-            _Proj(m, name, 0, lambda g: _block(1, hd, g * 3 * hd)),
-            _Proj(m, name, 0, lambda g: _block(2, hd, g * 3 * hd)),
-            1,
-        )
-    raise AssertionError(spec.qkv)
+        plan = plans[first_of[sig_of[li]]]
+        attn = _get_path(layer, plan.attention)
+        o_proj = _get_path(attn, plan.o_proj)
+        mods = [o_proj] + [_get_path(attn, ln) for ln in plan.roles]
+        if any(id(m) in seen_modules for m in mods):
+            raise HeadsNotFound(f"{arch}: layer {li} reuses the attention projections of an earlier layer (shared "
+                                f"weights), so its heads have no parameters of their own.")
+        seen_modules.update(id(m) for m in mods)
+        per_role: dict[str, list[_Proj]] = {"q": [], "k": [], "v": []}
+        for ln, by_role in plan.roles.items():
+            m = _get_path(attn, ln)
+            name = module_names.get(id(m), f"layers.{li}.{plan.attention}.{ln}")
+            for role, rows in by_role.items():
+                by_index = {i: torch.tensor(sorted(r)) for i, r in rows.items()}
+                per_role[role].append(_Proj(m, name, _out_dim(m), by_index))
+        layers.append(LayerHeads(
+            index=li, attention=attn, o_proj=o_proj,
+            o_proj_name=module_names.get(id(o_proj), f"layers.{li}.{plan.attention}.{plan.o_proj}"),
+            n_heads=n_heads, n_kv_heads=len(plan.groups), head_dim=plan.head_dim,
+            _q=per_role["q"], _k=per_role["k"], _v=per_role["v"], _groups=plan.groups,
+            _o_in_dim=1 - _out_dim(o_proj), _param_names=param_names,
+        ))
+    layout = HeadLayout(arch=arch, n_layers=len(layers), n_heads=n_heads,
+                        n_kv_heads=kv_counts.pop() if len(kv_counts) == 1 else None,
+                        head_dim=head_dims.pop() if len(head_dims) == 1 else None, layers=layers)
+    _CACHE[model] = (fingerprint, layout)
+    return layout

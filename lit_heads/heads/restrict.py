@@ -285,12 +285,8 @@ class HeadRestriction:
             groups.add((layer_idx, layer.kv_group_of(head)))
         self.kv_groups = sorted(groups) if self.kv == "group" else []
         for layer_idx, group in self.kv_groups:
-            kv = layout.layers[layer_idx].kv_slices(group)
-            # layout.kv_slices returns the key slices, then the value slices, in equal numbers
-            # (weight, and bias where present); it has no separate key/value accessors.
-            half = len(kv) // 2
-            add("k", kv[:half])
-            add("v", kv[half:])
+            add("k", layout.layers[layer_idx].key_slices(group))
+            add("v", layout.layers[layer_idx].value_slices(group))
 
         names = {id(p): n for n, p in model.named_parameters()}
         for kind, enabled, params in (

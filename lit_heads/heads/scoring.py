@@ -10,11 +10,22 @@ any attention kernel (eager, sdpa, flash).
 Per-sample gradients come from one batched backward of Σ_b L_b: samples do not interact in a causal
 LM forward, so the rows of sample b in ∂(Σ L)/∂x are exactly ∂L_b/∂x. Padding positions carry zero
 loss gradient and (being masked as keys) influence no real token, so they add nothing.
+
+Left padding shifts every real token's position by the padding length unless the batch carries
+`position_ids`. Rotary and ALiBi models do not care, and some (OPT) derive positions from the
+attention mask themselves, but a model with absolute position embeddings (GPT-2) silently computes
+something else. `compute_ap` therefore derives `position_ids` from the attention mask for a
+left-padded batch that has none; where the model takes no `position_ids`, it checks once that left
+padding leaves the model's output unchanged, and refuses the batch otherwise. `HeadGateCapture`
+cannot change the caller's forward, so it refuses a left-padded batch without `position_ids` on a
+model whose output left padding changes.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+import weakref
 from collections import defaultdict
 from typing import Any, Iterable, Mapping
 
@@ -23,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lit_heads.errors import ConfigError, DataError
-from lit_heads.heads.layout import HeadLayout, find_heads, unwrap_model
+from lit_heads.heads.layout import HeadLayout, eval_mode, find_heads, unwrap_model
 from lit_heads.heads.pattern import FORMULA_VERSION, Pattern
 
 __all__ = ["HeadGateCapture", "compute_ap", "per_sample_loss", "per_sample_scale"]
@@ -80,6 +91,7 @@ class HeadGateCapture:
             raise RuntimeError("HeadGateCapture is already active")
         for lh in self.layout.layers:
             self._handles.append(lh.o_proj.register_forward_pre_hook(self._make_pre_hook(lh.index)))
+        self._handles.append(self.model.register_forward_pre_hook(self._check_padding, with_kwargs=True))
         if self.require_input_grad:
             emb = self.model.get_input_embeddings()
             self._handles.append(emb.register_forward_hook(_require_grad_hook))
@@ -91,8 +103,21 @@ class HeadGateCapture:
         self._handles.clear()
         self.inputs.clear()
 
+    def _check_padding(self, module, args, kwargs):
+        inputs = _bound_inputs(self.model, args, kwargs)
+        mask = inputs.get("attention_mask")
+        if inputs.get("position_ids") is None and isinstance(mask, torch.Tensor) and _left_padded(mask):
+            if not _left_padding_is_harmless(self.model):
+                raise DataError(
+                    f"HeadGateCapture: a left-padded batch without position_ids reached "
+                    f"{type(self.model).__name__}, whose output changes with left padding (absolute position "
+                    f"embeddings): every real token is scored at a shifted position. Pad on the right (the SFT "
+                    f"datamodule does), or pass position_ids = attention_mask.cumsum(-1) - 1 (clamped at 0)."
+                )
+        return None
+
     def _make_pre_hook(self, layer: int):
-        n_heads, head_dim = self.layout.n_heads, self.layout.head_dim
+        n_heads, head_dim = self.layout.n_heads, self.layout.layers[layer].head_dim
 
         def pre_hook(module, args):
             x = args[0]
@@ -204,6 +229,88 @@ def per_sample_scale(labels: torch.Tensor, *, reduction: str = "token_mean", los
 
 
 # ------------------------------------------------------------------------------------------------
+# padding side
+
+
+def _left_padded(mask: torch.Tensor) -> bool:
+    """True if some sample has a padding position before one of its real tokens."""
+    if mask.dim() != 2:
+        return False
+    real = mask != 0
+    real_later = real.flip(1).cummax(dim=1).values.flip(1)
+    return bool((~real & real_later).any())
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that number each sample's real tokens 0, 1, ... whatever the padding side."""
+    return (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+def _forward_params(model: nn.Module):
+    try:
+        return inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+
+
+def _bound_inputs(model: nn.Module, args, kwargs) -> dict:
+    params = [n for n, p in _forward_params(model).items()
+              if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    return {**dict(zip(params, args)), **kwargs}
+
+
+_PADDING_HARMLESS: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def _left_padding_is_harmless(model: nn.Module) -> bool:
+    """Whether left padding (without position_ids) leaves the logits of the real tokens unchanged:
+    one short sequence, scored alone and behind 3 padding tokens. Cached per model."""
+    known = _PADDING_HARMLESS.get(model)
+    if known is not None:
+        return known
+    # The check's own padded forward must not trigger the check again (HeadGateCapture's hook).
+    _PADDING_HARMLESS[model] = True
+    try:
+        harmless = _padding_changes_nothing(model)
+    finally:
+        del _PADDING_HARMLESS[model]
+    _PADDING_HARMLESS[model] = harmless
+    return harmless
+
+
+def _padding_changes_nothing(model: nn.Module) -> bool:
+    emb = model.get_input_embeddings()
+    device = emb.weight.device
+    vocab = emb.num_embeddings
+    ids = torch.randint(min(4, vocab - 1), min(vocab, 200), (1, 6), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)
+    padded = torch.cat([torch.full((1, 3), int(ids[0, 0]), device=device), ids], dim=1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 6, dtype=torch.long)], dim=1).to(device)
+    with eval_mode(model), torch.no_grad():
+        alone = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits.float()
+        behind = model(input_ids=padded, attention_mask=mask, use_cache=False).logits[:, 3:].float()
+    # Rotary embeddings at shifted positions differ by rounding only; shifted absolute position
+    # embeddings change the logits by orders of magnitude more.
+    tol = 1e-3 if alone.dtype == torch.float32 and emb.weight.dtype == torch.float32 else 5e-2
+    return bool(((alone - behind).abs().amax() <= tol * alone.abs().amax()).item())
+
+
+def _positions_for(model: nn.Module, inputs: dict, index: int) -> None:
+    """Give a left-padded batch without position_ids the positions it means (in place), or refuse it."""
+    mask = inputs.get("attention_mask")
+    if inputs.get("position_ids") is not None or mask is None or not _left_padded(mask):
+        return
+    if "position_ids" in _forward_params(model):
+        inputs["position_ids"] = positions_from_mask(mask)
+    elif not _left_padding_is_harmless(model):
+        raise DataError(
+            f"AP batch {index} is left-padded, and {type(model).__name__} takes no position_ids and computes "
+            f"something else for left-padded input (absolute positions counted from the first padding token). "
+            f"Pad the batch on the right."
+        )
+
+
+# ------------------------------------------------------------------------------------------------
 # compute_ap
 
 _REQUIRED = ("input_ids", "attention_mask", "labels")
@@ -258,7 +365,8 @@ def compute_ap(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], 
     """The activation pattern of `model` on `batches` (Eq. 2): AP[l, h] = mean_b |Σ x ⊙ ∂L_b/∂x|.
 
     batches: iterable of dicts with input_ids, attention_mask, labels ([B, T]; labels -100 on prompt
-    and padding). `position_ids` is passed on when present.
+    and padding). `position_ids` is passed on when present; a left-padded batch without them gets
+    them from the attention mask (see the module docstring).
     device: run on this device (the model is moved there and back); default: where the model is.
     meta: extra Pattern metadata (e.g. data=..., step=...).
 
@@ -299,6 +407,7 @@ def compute_ap(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], 
                 _check_batch(batch, i)
                 # clone(): batches made under inference_mode are inference tensors, unusable in autograd.
                 inputs = {k: batch[k].to(run_device).clone() for k in _FORWARD_KEYS if batch.get(k) is not None}
+                _positions_for(model, inputs, i)
                 labels = batch["labels"].to(run_device).clone()
                 out = model(**inputs, use_cache=False)
                 loss = per_sample_loss(out.logits, labels).sum()
