@@ -416,7 +416,10 @@ def _attention_candidates(layer: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _linears(attn: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in attn.named_modules() if n and _out_dim(m) is not None]
+    """The attention's linear maps, outermost only: a linear map inside another one is a wrapper's
+    detail (PEFT's LoRA layer holds base_layer, lora_A and lora_B; its weight is base_layer's)."""
+    found = [(n, m) for n, m in attn.named_modules() if n and _out_dim(m) is not None]
+    return [(n, m) for n, m in found if not any(n.startswith(o + ".") for o, _ in found)]
 
 
 def _signature(attn: nn.Module) -> tuple:
