@@ -45,10 +45,10 @@ from typing import Any, Callable, Optional
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
+from lit_heads import _internals
 from lit_heads.atomic import atomic_write
 from lit_heads.errors import ConfigError, ModelError
 from lit_heads.models import checkpoint_is_a_directory, checkpoint_missing, unreadable_checkpoint
@@ -72,7 +72,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self.strict = True
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
-        if storage_options is not None or not _is_local_file_protocol(str(path)):
+        if storage_options is not None or not _internals.is_local_path(str(path)):
             return super().save_checkpoint(checkpoint, path, storage_options)
         atomic_write(path, lambda f: self._write(checkpoint, f))
 
@@ -81,7 +81,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         torch.save(checkpoint, f)
 
     def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        local = _is_local_file_protocol(str(path))
+        local = _internals.is_local_path(str(path))
         if local and Path(path).is_dir():
             raise ModelError(checkpoint_is_a_directory(path))
         if local and not Path(path).is_file():
@@ -161,7 +161,7 @@ class CheckpointSafety(L.Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         # A checkpoint taken at a training batch's end precedes that step's logged record (Lightning
         # writes it right after the batch-end hooks), which a resume does not log again.
-        keep = int(self._after_train_batch and bool(trainer._logger_connector.should_update_logs))
+        keep = int(self._after_train_batch and _internals.logger_writes_after_this_batch(trainer))
         checkpoint[RUN_RECORD] = {
             "seed": _int_or_none(os.environ.get("PL_GLOBAL_SEED")),
             "world_size": trainer.world_size,
@@ -195,12 +195,7 @@ class CheckpointSafety(L.Callback):
                 logger.rewind_mirror(mark, mark.get("keep_records", 0))
 
     def on_train_start(self, trainer, pl_module):
-        fit_loop = trainer.fit_loop
-        pending = getattr(fit_loop, "_combined_loader_states_to_load", None)
-        loader = getattr(fit_loop, "_combined_loader", None)
-        if pending and loader is not None:
-            loader._load_state_dicts(pending)
-            fit_loop._combined_loader_states_to_load = []
+        _internals.restore_loader_states(trainer)
         self._stepping_batches = int(trainer.estimated_stepping_batches)
         if self._resumed is not None:
             self._retarget_schedules(trainer)
@@ -221,11 +216,11 @@ class CheckpointSafety(L.Callback):
                 step = scheduler.last_epoch
                 for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
                     group["lr"] = base * scheduler._factor(step)
-                scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+                _internals.set_scheduler_lr(scheduler, [group["lr"] for group in scheduler.optimizer.param_groups])
                 rank_zero_info(
                     f"lit_heads: resuming at step {trainer.global_step} with {now} training steps instead of "
                     f"{before}: the warmup-cosine schedule is re-derived for {now} steps, so from step "
-                    f"{trainer.global_step} on the learning rate follows it (now {scheduler._last_lr[0]:.3g})."
+                    f"{trainer.global_step} on the learning rate follows it (now {scheduler.get_last_lr()[0]:.3g})."
                 )
 
 
@@ -233,20 +228,11 @@ def _redo_interrupted_validation(trainer) -> None:
     """Run the validation that was due right after the checkpoint's step. A checkpoint taken at a
     training batch's end precedes that step's validation; Lightning, resuming from it, marks that
     validation as done and goes on training, so a kill during it would lose it."""
-    epoch_loop = trainer.fit_loop.epoch_loop
-    if not (epoch_loop.restarting and epoch_loop.restarted_on_train_batch_end):
-        return
-    if not epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
+    if not _internals.validation_was_interrupted(trainer):
         return
     rank_zero_info(f"lit_heads: the checkpoint was taken before step {trainer.global_step}'s validation; "
                    "validating now.")
-    val_loop = epoch_loop.val_loop
-    val_loop.restarting = False  # a whole validation pass, as in the uninterrupted run
-    trainer.validating = True
-    try:
-        val_loop.run()
-    finally:
-        trainer.training = True
+    _internals.run_validation_now(trainer)
 
 
 def _int_or_none(value) -> int | None:

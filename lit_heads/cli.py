@@ -13,6 +13,7 @@ import sys
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from lit_heads import _internals
 from lit_heads.data import SFTDataModule
 from lit_heads.errors import LitHeadsError
 from lit_heads.module import SFTModule
@@ -56,6 +57,7 @@ class SaveConfigToLoggers(SaveConfigCallback):
 
 class LitHeadsCLI(LightningCLI):
     def __init__(self, *args, **kwargs):
+        _internals.check_cli_hooks(LightningCLI)  # the overrides below must replace real steps
         self._run_locks: list = []
         try:
             super().__init__(*args, **kwargs)  # parses, instantiates and runs the subcommand

@@ -27,6 +27,8 @@ from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.loggers.logger import DummyExperiment, rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
+from lit_heads import _internals
+
 _WANDB_HOST = "api.wandb.ai"
 
 
@@ -80,6 +82,7 @@ class WandbLogger(_LightningWandbLogger):
             # Lightning turns offline=True into WANDB_MODE=dryrun, which would write an offline run.
             offline, kwargs = False, {**kwargs, "mode": "disabled"}
         super().__init__(name=name, save_dir=save_dir, project=project, offline=offline, group=group, **kwargs)
+        _internals.check_wandb_logger(self)
         self.metrics_file = Path(save_dir) / "metrics.jsonl"
         self._failed = False
         if offline:

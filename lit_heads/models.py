@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from lit_heads import _internals
 from lit_heads.atomic import atomic_write_text, temp_dir_for
 from lit_heads.errors import ModelError
 
@@ -267,8 +268,7 @@ def _dequantize_to(gguf: Path, target: Path) -> None:
         model.config.quantization_config = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.hf_quantizer = None
-        model.is_quantized = False
+        _internals.drop_quantizer(model)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         try:

@@ -1,4 +1,4 @@
-"""The SFT LightningModule: wraps any Hugging Face causal LM.
+"""The SFT LightningModule: wraps a Hugging Face causal LM.
 
 Loss is token-averaged cross-entropy over response tokens only (the DataModule labels prompt and
 padding with -100). The validation and test loss is `ResponseLoss`: the same cross-entropy summed

@@ -258,10 +258,9 @@ def _head_shape(model: str, attn_implementation: str | None) -> tuple[int, int]:
     from lit_heads.models import resolve
 
     config = AutoConfig.from_pretrained(resolve(model).path)
-    if attn_implementation:
-        config._attn_implementation = attn_implementation
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
+        skeleton = AutoModelForCausalLM.from_config(config, **extra)
     return find_heads(skeleton).shape
 
 

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from lit_heads._internals import compiled_original
 from lit_heads.errors import ModelError
 
 __all__ = [
@@ -261,8 +262,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         seen += 1
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
+        elif (inner := compiled_original(model)) is not None:
+            model = inner
         else:
             break
     return model
