@@ -53,6 +53,7 @@ __all__ = [
     "LayerHeads",
     "Override",
     "ParamSlice",
+    "check_structure",
     "eval_mode",
     "find_heads",
     "unwrap_model",
@@ -342,7 +343,8 @@ def _get_path(root: nn.Module, path: str) -> nn.Module:
     return obj
 
 
-def _decoder_layers(model: nn.Module, text_config, override: Override | None, arch: str) -> nn.ModuleList:
+def _decoder_layers(model: nn.Module, text_config, override: Override | None, arch: str,
+                    probe: bool = True) -> nn.ModuleList | None:
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     if override is not None and override.layers:
         try:
@@ -368,6 +370,8 @@ def _decoder_layers(model: nn.Module, text_config, override: Override | None, ar
     if not found:
         found = [(n, m) for n, m in lists if len(m) == n_layers]  # no attention anywhere: say so below
     if len(found) > 1:
+        if not probe:
+            return None  # only running the model can tell
         # E.g. a vision tower next to the text decoder: the decoder is the list that runs on text.
         ran = _which_ran(model, [m[0] for _, m in found], arch)
         found = [f for f, r in zip(found, ran) if r]
@@ -759,21 +763,7 @@ def _read_probe(arch, li, an, o_name, x, jobs, projs, n_heads, head_dim) -> _Pla
     return _Plan(an, o_name, head_dim, tuple(tuple(sorted(g)) for g in groups), roles)
 
 
-# ------------------------------------------------------------------------------------------------
-# find_heads
-
-_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, HeadLayout]]" = weakref.WeakKeyDictionary()
-
-
-def find_heads(model: nn.Module) -> HeadLayout:
-    """Locate the attention heads of a Hugging Face causal LM (the *ForCausalLM or its base model).
-
-    Runs the model once on a few tokens (in eval mode, without gradients, stopping after the probed
-    layers; train/eval modes, parameters and RNG streams are left as found) the first time it sees
-    a model object. Raises `HeadsNotFound` (a `ModelError`) when the heads cannot be described
-    exactly, saying what was found.
-    """
-    model = unwrap_model(model)
+def _arch(model: nn.Module) -> tuple[str, Override | None]:
     config = getattr(model, "config", None)
     arch = getattr(config, "model_type", None)
     if config is None or arch is None:
@@ -784,14 +774,16 @@ def find_heads(model: nn.Module) -> HeadLayout:
     override = ARCHITECTURES.get(arch)
     if override is not None and override.refuse:
         raise HeadsNotFound(f"{arch}: {override.refuse}", "refused")
-    # The same modules and parameters give the same layout (training changes values only).
-    fingerprint = (tuple((id(m), type(m)) for m in model.modules()), tuple(id(p) for p in model.parameters()), override)
-    cached = _CACHE.get(model)
-    if cached is not None and cached[0] == fingerprint:
-        return cached[1]
-    text_config = _text_config(config)
-    layer_list = _decoder_layers(model, text_config, override, arch)
+    return arch, override
 
+
+def _structure(model: nn.Module, arch: str, override: Override | None, probe: bool):
+    """Part 1 of discovery: (decoder layers, attention candidates per layer, number of query heads),
+    or None where only running the model can tell the decoder layers apart (`probe=False`)."""
+    text_config = _text_config(model.config)
+    layer_list = _decoder_layers(model, text_config, override, arch, probe=probe)
+    if layer_list is None:
+        return None
     candidates: dict[int, list[tuple[str, nn.Module]]] = {}
     for li, layer in enumerate(layer_list):
         if override is not None and override.attention:
@@ -822,6 +814,42 @@ def find_heads(model: nn.Module) -> HeadLayout:
         raise HeadsNotFound(
             f"{arch}: neither the config nor the attention-like module {type(candidates[0][0][1]).__name__} says how "
             f"many heads there are, so it is not multi-head attention (e.g. RWKV's time mixing).", "no heads")
+    return layer_list, candidates, n_heads
+
+
+def check_structure(model: nn.Module) -> None:
+    """The part of `find_heads` that needs no weights: refuses, with `find_heads`' message, a model
+    without decoder layers of multi-head attention (state-space, recurrent, hybrid models, refused
+    overrides). Works on a model built on the meta device, so a command can refuse such a model
+    before it loads or de-quantizes any weights. Passing it does not promise that `find_heads`
+    succeeds: the projections' head layout is read from a forward pass."""
+    model = unwrap_model(model)
+    arch, override = _arch(model)
+    _structure(model, arch, override, probe=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# find_heads
+
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, HeadLayout]]" = weakref.WeakKeyDictionary()
+
+
+def find_heads(model: nn.Module) -> HeadLayout:
+    """Locate the attention heads of a Hugging Face causal LM (the *ForCausalLM or its base model).
+
+    Runs the model once on a few tokens (in eval mode, without gradients, stopping after the probed
+    layers; train/eval modes, parameters and RNG streams are left as found) the first time it sees
+    a model object. Raises `HeadsNotFound` (a `ModelError`) when the heads cannot be described
+    exactly, saying what was found.
+    """
+    model = unwrap_model(model)
+    arch, override = _arch(model)
+    # The same modules and parameters give the same layout (training changes values only).
+    fingerprint = (tuple((id(m), type(m)) for m in model.modules()), tuple(id(p) for p in model.parameters()), override)
+    cached = _CACHE.get(model)
+    if cached is not None and cached[0] == fingerprint:
+        return cached[1]
+    layer_list, candidates, n_heads = _structure(model, arch, override, probe=True)
 
     # Probe the first layer of each distinct attention structure; the others reuse its plan.
     first_of: dict[tuple, int] = {}
