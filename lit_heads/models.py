@@ -47,8 +47,9 @@ def cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class ModelSource:
-    """A resolved model name: a directory `from_pretrained` can read (possibly a hub id), plus the
-    GGUF file inside it when the weights are quantized."""
+    """A resolved model name: a directory `from_pretrained` can read (possibly a hub id). `gguf_file`
+    is set only by `resolve(..., dequantize=False)` for a GGUF model not de-quantized yet: the file,
+    and `path` is the cache folder it will be de-quantized into."""
 
     path: str
     gguf_file: str | None = None
