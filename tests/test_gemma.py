@@ -317,7 +317,7 @@ def test_gemma_tokenizer_has_no_chat_template_so_prompts_are_plain_text():
 
 
 # The quickstart, small: 2 steps at batch 2 on short sequences (Gemma's logits are batch x seq x 262,144
-# floats), the head monitor at every step on 2 probe samples.
+# floats), its callbacks with the head monitor at every step on 2 probe samples.
 SMALL_FIT = """
 model: {num_generate: 1, max_new_tokens: 4}
 data: {train_size: 8, val_size: 2, max_length: 64, batch_size: 2}
@@ -325,10 +325,14 @@ trainer:
   max_steps: 2
   enable_progress_bar: false
   callbacks:
+    - class_path: lightning.pytorch.callbacks.LearningRateMonitor
+    - class_path: lit_heads.callbacks.throughput.TokenThroughput
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
       init_args: {save_last: true, save_top_k: 0}
     - class_path: lit_heads.callbacks.head_monitor.HeadActivationMonitor
       init_args: {every_n_steps: 1, probe: val, probe_size: 2, free: true}
+    - class_path: lit_heads.callbacks.export.ExportHF
+    - class_path: lit_heads.callbacks.fit_summary.FitSummary
 """
 
 
@@ -338,6 +342,7 @@ def test_gemma_fit_and_ap_run_to_the_end(tmp_path):
     """A 2-step fit of the quickstart on Gemma 3 270M (head monitor on, short sequences) and its AP."""
     import subprocess
 
+    from lit_heads.heads.history import PatternHistory
     from lit_heads.heads.pattern import Pattern
 
     env = {**os.environ, "WANDB_MODE": "offline"}
@@ -351,7 +356,8 @@ def test_gemma_fit_and_ap_run_to_the_end(tmp_path):
     summary = json.loads((tmp_path / "run" / "fit_summary.json").read_text())
     assert summary["steps"] == 2
     assert (tmp_path / "run" / "export" / "config.json").is_file()
-    assert (tmp_path / "run" / "heads" / "ap_history.safetensors").is_file()
+    history = PatternHistory.load(tmp_path / "run" / "heads" / "ap_history.safetensors")
+    assert history.steps == [0, 1, 2] and all(s.shape == (18, 4) for s in history.scores)
 
     ap = subprocess.run(
         [sys.executable, "-m", "lit_heads.cli", "ap", "--model", "gemma3-270m", "--data", "generated:arithmetic",
