@@ -132,9 +132,11 @@ class WandbLogger(_LightningWandbLogger):
         configured = self._wandb_init.get("mode") or ("offline" if self._offline else "online")
         fallbacks = {"offline": ["disabled"], "disabled": []}.get(configured, ["offline", "disabled"])
         errors = []
-        for mode in [None, *fallbacks]:
-            if mode is not None:
-                self._wandb_init["mode"] = mode  # an init argument wins over WANDB_MODE
+        for mode in [configured, *fallbacks]:
+            # Always explicit: an init argument wins over WANDB_MODE, and over the mode that W&B's
+            # process-wide settings kept from the first run of this process (a notebook or a test
+            # session that ran with WANDB_MODE=disabled once would otherwise stay disabled).
+            self._wandb_init["mode"] = mode
             try:
                 run = _LightningWandbLogger.experiment.fget(self)
             except Exception as err:  # wandb raises UsageError, CommError, OSError... depending on the cause

@@ -321,3 +321,22 @@ def test_heads_package_does_not_import_lightning():
     code = ("import sys, lit_heads.heads; "
             "assert not any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "falcon_gqa", "bloom"])
+def test_a_model_without_weights_gets_the_layout_of_the_loaded_one(arch):
+    """`lit_heads plan` and the checks before loading build the model on the meta device; its layout
+    (found through a small materialised twin) names the same parameters and rows as the real model's."""
+    real = find_heads(tiny_model(arch))
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(tiny_config(arch), attn_implementation="eager")
+    meta = find_heads(skeleton)
+    assert (meta.shape, meta.n_kv_heads, meta.head_dim) == (real.shape, real.n_kv_heads, real.head_dim)
+
+    def described(layout):
+        return [[(s.name, s.dim, s.index.tolist()) for h in range(layout.n_heads)
+                 for s in [*lay.query_slices(h), *lay.output_slices(h)]]
+                + [[(s.name, s.dim, s.index.tolist()) for s in lay.kv_slices(g)] for g in range(lay.n_kv_heads)]
+                for lay in layout.layers]
+
+    assert described(meta) == described(real)

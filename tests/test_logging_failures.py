@@ -113,7 +113,7 @@ def test_a_rejected_key_falls_back_to_offline(fit, monkeypatch, recwarn):
     reachable = type("Connection", (), {"close": lambda self: None})
     monkeypatch.setattr("lit_heads.loggers.socket.create_connection", lambda *a, **k: reachable())
     summary = fit()
-    assert attempts == [None, "offline"]  # online first (key and server "fine"), then offline
+    assert attempts == ["online", "offline"]  # online first (key and server "fine"), then offline
     assert warned(recwarn).count("W&B could not start the run (CommError: Run initialization has timed out") == 1
     assert Path(summary["wandb_run"]).name.startswith("offline-run-")
 
@@ -157,3 +157,22 @@ def test_wandb_error_during_the_run(fit, monkeypatch, recwarn):
     err = warned(recwarn)
     assert calls["n"] >= 2  # the failure really happened during training
     assert err.count("W&B logging failed (RuntimeError: W&B backend went away (test))") == 1  # reported once
+
+
+def test_offline_run_after_a_disabled_one_in_the_same_process(tmp_path, monkeypatch):
+    # W&B's process-wide settings keep the WANDB_MODE of the first run of a process; a later
+    # offline logger must still write an offline run, not a no-op one (seen after `lit_heads ablate`
+    # ran with WANDB_MODE=disabled in the same test session).
+    from lit_heads.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    first = WandbLogger(save_dir=str(tmp_path / "a"))
+    first.experiment
+    first.finish()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    second = WandbLogger(save_dir=str(tmp_path / "b"))
+    try:
+        run_dir = Path(second.experiment.dir).parent
+        assert run_dir.name.startswith("offline-run-") and run_dir.parent == tmp_path / "b" / "wandb"
+    finally:
+        second.finish()

@@ -34,6 +34,7 @@ for a model whose structure discovery cannot read, or a refusal with a reason.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 import weakref
@@ -169,8 +170,8 @@ class LayerHeads:
         all heads and is therefore never part of a head's slices."""
         self._check_head(head)
         w = _weight(self.o_proj)
-        idx = torch.arange(head * self.head_dim, (head + 1) * self.head_dim, device=w.device)
-        return [ParamSlice(w, self._pname(w, self.o_proj_name + ".weight"), self._o_in_dim, idx)]
+        idx = torch.arange(head * self.head_dim, (head + 1) * self.head_dim)
+        return [ParamSlice(w, self._pname(w, self.o_proj_name + ".weight"), self._o_in_dim, _readable_on(idx, w))]
 
     # -- internals ------------------------------------------------------------------------------
     def _pname(self, p: nn.Parameter, fallback: str) -> str:
@@ -183,10 +184,10 @@ class LayerHeads:
             if rows is None:
                 continue
             w = _weight(proj.module)
-            out.append(ParamSlice(w, self._pname(w, proj.name + ".weight"), proj.out_dim, rows.to(w.device)))
+            out.append(ParamSlice(w, self._pname(w, proj.name + ".weight"), proj.out_dim, _readable_on(rows, w)))
             b = _bias(proj.module)
             if b is not None:
-                out.append(ParamSlice(b, self._pname(b, proj.name + ".bias"), 0, rows.to(b.device)))
+                out.append(ParamSlice(b, self._pname(b, proj.name + ".bias"), 0, _readable_on(rows, b)))
         return out
 
     def _check_head(self, head: int) -> None:
@@ -272,6 +273,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 # Linear-like modules
 
 
+def _readable_on(index: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The index on the parameter's device, except for a meta parameter: there it stays readable (CPU)."""
+    return index if param.device.type == "meta" else index.to(param.device)
+
+
 def _weight(module: nn.Module) -> nn.Parameter:
     # A head-restricted module's `weight` is computed by a parametrization; the parameter that
     # slices must point at is the original one underneath.
@@ -318,6 +324,12 @@ _ATTENTION_CLASS = re.compile(r"attention|attn", re.IGNORECASE)
 _HEAD_COUNT_NAMES = ("num_attention_heads", "n_head", "num_heads", "n_heads")
 
 
+_LAYER_COUNT_NAMES = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+# The twin that stands in for a model without weights (see _probe_twin): vocabulary and MLP width.
+_TWIN_VOCAB = 512
+_TWIN_MLP = 256
+
+
 def _text_config(config):
     get = getattr(config, "get_text_config", None)
     if get is None:
@@ -354,7 +366,7 @@ def _decoder_layers(model: nn.Module, text_config, override: Override | None, ar
                 f"{arch}: the override in lit_heads/heads/layout.py ARCHITECTURES says the decoder layers are at "
                 f"`{override.layers}` of {type(decoder).__name__}, but there is nothing there."
             ) from None
-    n_layers = _config_int(text_config, "num_hidden_layers", "n_layer", "num_layers", "n_layers")
+    n_layers = _config_int(text_config, *_LAYER_COUNT_NAMES)
     found: list[tuple[str, nn.ModuleList]] = []
     lists: list[tuple[str, nn.ModuleList]] = []
     # The decoder first; the whole model where `get_decoder()` names something else (a head).
@@ -495,6 +507,53 @@ def _check_probeable(model: nn.Module, arch: str) -> None:
                 f"is {'on the meta device' if p.device.type == 'meta' else 'sharded (DTensor)'}. Call find_heads "
                 f"on the loaded model before sharding it."
             )
+
+
+def _probe_twin(model: nn.Module, arch: str, override: Override | None, probed: list[int],
+                candidates: dict[int, list[tuple[str, nn.Module]]], n_heads: int) -> dict[int, _Plan]:
+    """Probe a model that has no weights (the meta device: `lit_heads plan`, checks before loading)
+    through a materialised twin: the same config with only the layers up to the last probed one and
+    a small vocabulary and MLP, randomly initialised on the CPU. The probe reads the attention
+    modules only, and the twin's are built from the same config; that they match is checked."""
+    config = copy.deepcopy(model.config)
+    text = _text_config(config)
+    n_layers = _config_int(text, *_LAYER_COUNT_NAMES)
+    keep = max(probed) + 1
+    for name, value in list(vars(text).items()):
+        if isinstance(value, list) and len(value) == n_layers:
+            setattr(text, name, value[:keep])  # per-layer settings (e.g. layer_types)
+    for name in _LAYER_COUNT_NAMES:
+        if _config_int(text, name) is not None:
+            setattr(text, name, keep)
+    vocab = _config_int(text, "vocab_size")
+    if vocab is not None and vocab > _TWIN_VOCAB:
+        text.vocab_size = _TWIN_VOCAB
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
+            value = getattr(text, name, None)
+            if isinstance(value, int) and value >= _TWIN_VOCAB:
+                setattr(text, name, None)
+            elif isinstance(value, list):
+                setattr(text, name, [v for v in value if v < _TWIN_VOCAB] or None)
+    if (_config_int(text, "intermediate_size") or 0) > _TWIN_MLP:
+        text.intermediate_size = _TWIN_MLP  # the MLP is not probed
+    try:
+        with torch.device("cpu"):
+            twin = type(model)(config)
+    except Exception as e:  # noqa: BLE001 - any failure to build the twin is reported as such
+        raise HeadsNotFound(
+            f"{arch}: the model has no weights (meta device), so find_heads builds a small twin of it to locate the "
+            f"heads, and that failed ({type(e).__name__}: {e}). Load the model's weights and call find_heads on it."
+        ) from e
+    twin_layers = _decoder_layers(twin, _text_config(twin.config), override, arch)
+    twin_candidates = {li: _attention_candidates(twin_layers[li]) for li in probed}
+    for li in probed:
+        if [_signature(m) for _, m in twin_candidates[li]] != [_signature(m) for _, m in candidates[li]]:
+            raise HeadsNotFound(
+                f"{arch}: the model has no weights (meta device), and the small twin built from its config to locate "
+                f"the heads has a different attention module in layer {li}. Load the model's weights and call "
+                f"find_heads on it.")
+    with eval_mode(twin):
+        return _probe(twin, arch, probed, twin_candidates, n_heads)
 
 
 # A head counts as unchanged when its output moved by at most this much, relative to its own size.
@@ -858,9 +917,14 @@ def find_heads(model: nn.Module) -> HeadLayout:
         sig = tuple(_signature(m) for _, m in cands)
         sig_of[li] = sig
         first_of.setdefault(sig, li)
-    _check_probeable(model, arch)
-    with eval_mode(model):
-        plans = _probe(model, arch, sorted(first_of.values()), candidates, n_heads)
+    probed = sorted(first_of.values())
+    # No values to run on: meta parameters, or meta buffers under stand-in parameters (`lit_heads plan`).
+    if any(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()]):
+        plans = _probe_twin(model, arch, override, probed, candidates, n_heads)
+    else:
+        _check_probeable(model, arch)
+        with eval_mode(model):
+            plans = _probe(model, arch, probed, candidates, n_heads)
 
     head_dims = {p.head_dim for p in plans.values()}
     kv_counts = {len(p.groups) for p in plans.values()}
