@@ -350,16 +350,21 @@ def model_config(name: str):
 def check_model(name: str, heads: bool = False) -> None:
     """The checks on a model name that can fail, run before the expensive work (de-quantizing,
     loading weights, a W&B run, scoring): the name resolves (a bundled model is installed and whole,
-    a path exists, a .gguf file is complete), and with `heads`, the decoder layers, their attention
-    modules and the number of heads are found in a weightless copy built from the config (meta
-    device). The rest of head discovery needs the weights (a forward pass); `find_heads` does it."""
+    a path exists, a .gguf file is complete), and with `heads`, `find_heads` describes the heads of a
+    weightless copy built from the config (meta device; it probes a small random twin). Where only the
+    loaded model can tell (e.g. which of several layer stacks runs on text), that part is left to the
+    load."""
     config = model_config(name)
     if config is None or not heads:
         return
     from lit_heads.analysis.memory_plan import meta_model
-    from lit_heads.heads.layout import check_structure
+    from lit_heads.heads.layout import HeadsNotFound, find_heads
 
-    check_structure(meta_model(config))
+    try:
+        find_heads(meta_model(config))
+    except HeadsNotFound as err:
+        if err.kind != "no weights":
+            raise
 
 
 def gguf_digest(gguf: Path) -> str:

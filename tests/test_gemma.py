@@ -278,26 +278,43 @@ def test_the_head_check_runs_only_for_configs_that_need_heads(ws, tiny_llama_dir
     assert not _uses_heads(trainer(("lit_heads.callbacks.lora.LoRAFinetuning", {"r": 4, "targets": ["q_proj"]})))
 
 
-def test_the_structure_check_on_a_meta_model_matches_find_heads(tiny_llama_dir):
-    """What check_structure refuses from the config alone, find_heads refuses on the loaded model with
-    the same message; what it passes, find_heads describes."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, MambaConfig, MambaForCausalLM
+def test_heads_are_checked_from_the_config_alone(tmp_path, tiny_llama_dir, monkeypatch):
+    """check_model(heads=True) refuses, before loading, what find_heads refuses on the loaded model (with
+    the same message), also where only a forward pass shows it (DeepSeek V2's latent attention), and
+    passes a model whose heads are found."""
+    from arch_sweep import tiny_model
 
-    from lit_heads.analysis.memory_plan import meta_model
-    from lit_heads.heads.layout import HeadsNotFound, check_structure, find_heads
+    from lit_heads.heads.layout import HeadsNotFound, find_heads
 
-    mamba = MambaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, state_size=4)
-    with pytest.raises(HeadsNotFound) as on_meta:
-        check_structure(meta_model(mamba))
+    mla = tiny_model("deepseek_v2")
+    mla.save_pretrained(tmp_path / "mla")
     with pytest.raises(HeadsNotFound) as loaded:
-        find_heads(MambaForCausalLM(mamba))
-    assert str(on_meta.value) == str(loaded.value) and on_meta.value.kind == "no attention"
+        find_heads(mla)
 
-    llama = meta_model(AutoConfig.from_pretrained(tiny_llama_dir))
-    assert next(llama.parameters()).device == torch.device("meta")
-    check_structure(llama)  # passes on the meta device: no forward pass, no weights
-    assert find_heads(AutoModelForCausalLM.from_pretrained(tiny_llama_dir)).shape == (2, 4)
+    def load(*args, **kwargs):
+        raise AssertionError("check_model loaded weights")
+
+    monkeypatch.setattr(models, "load_model", load)
+    with pytest.raises(HeadsNotFound) as early:
+        models.check_model(str(tmp_path / "mla"), heads=True)
+    assert str(early.value) == str(loaded.value) and early.value.kind == loaded.value.kind == "heads mixed"
+    models.check_model(str(tmp_path / "mla"))  # full fine-tuning needs no heads
+    models.check_model(str(tiny_llama_dir), heads=True)
+
+
+def test_what_only_the_loaded_model_can_tell_is_left_to_the_load(tiny_llama_dir, monkeypatch):
+    from lit_heads.heads import layout
+
+    kind = "no weights"
+
+    def refuses(model):
+        raise layout.HeadsNotFound("what find_heads found", kind)
+
+    monkeypatch.setattr(layout, "find_heads", refuses)
+    models.check_model(str(tiny_llama_dir), heads=True)  # no refusal: find_heads runs again after the load
+    kind = "hybrid"
+    with pytest.raises(layout.HeadsNotFound, match="what find_heads found"):
+        models.check_model(str(tiny_llama_dir), heads=True)
 
 
 # ------------------------------------------------------------------------------------------------

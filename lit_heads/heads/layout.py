@@ -54,7 +54,6 @@ __all__ = [
     "LayerHeads",
     "Override",
     "ParamSlice",
-    "check_structure",
     "eval_mode",
     "find_heads",
     "unwrap_model",
@@ -64,7 +63,8 @@ __all__ = [
 class HeadsNotFound(ModelError):
     """`find_heads` cannot describe this model's heads. `kind` says why, in words the
     architecture table uses: "no attention", "no heads", "hybrid", "heads mixed", "not runnable",
-    "unsupported", "refused"."""
+    "unsupported", "refused"; "no weights" where only the loaded model can tell (a meta-device model
+    that neither a twin nor the structure settles)."""
 
     def __init__(self, message: str, kind: str = "unsupported"):
         super().__init__(message)
@@ -355,8 +355,7 @@ def _get_path(root: nn.Module, path: str) -> nn.Module:
     return obj
 
 
-def _decoder_layers(model: nn.Module, text_config, override: Override | None, arch: str,
-                    probe: bool = True) -> nn.ModuleList | None:
+def _decoder_layers(model: nn.Module, text_config, override: Override | None, arch: str) -> nn.ModuleList:
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     if override is not None and override.layers:
         try:
@@ -382,8 +381,6 @@ def _decoder_layers(model: nn.Module, text_config, override: Override | None, ar
     if not found:
         found = [(n, m) for n, m in lists if len(m) == n_layers]  # no attention anywhere: say so below
     if len(found) > 1:
-        if not probe:
-            return None  # only running the model can tell
         # E.g. a vision tower next to the text decoder: the decoder is the list that runs on text.
         ran = _which_ran(model, [m[0] for _, m in found], arch)
         found = [f for f, r in zip(found, ran) if r]
@@ -505,7 +502,7 @@ def _check_probeable(model: nn.Module, arch: str) -> None:
             raise HeadsNotFound(
                 f"{arch}: find_heads runs the model once on a few tokens to locate the heads, but parameter {name} "
                 f"is {'on the meta device' if p.device.type == 'meta' else 'sharded (DTensor)'}. Call find_heads "
-                f"on the loaded model before sharding it."
+                f"on the loaded model before sharding it.", "no weights" if p.device.type == "meta" else "unsupported"
             )
 
 
@@ -542,8 +539,8 @@ def _probe_twin(model: nn.Module, arch: str, override: Override | None, probed: 
     except Exception as e:  # noqa: BLE001 - any failure to build the twin is reported as such
         raise HeadsNotFound(
             f"{arch}: the model has no weights (meta device), so find_heads builds a small twin of it to locate the "
-            f"heads, and that failed ({type(e).__name__}: {e}). Load the model's weights and call find_heads on it."
-        ) from e
+            f"heads, and that failed ({type(e).__name__}: {e}). Load the model's weights and call find_heads on it.",
+            "no weights") from e
     twin_layers = _decoder_layers(twin, _text_config(twin.config), override, arch)
     twin_candidates = {li: _attention_candidates(twin_layers[li]) for li in probed}
     for li in probed:
@@ -551,7 +548,7 @@ def _probe_twin(model: nn.Module, arch: str, override: Override | None, probed: 
             raise HeadsNotFound(
                 f"{arch}: the model has no weights (meta device), and the small twin built from its config to locate "
                 f"the heads has a different attention module in layer {li}. Load the model's weights and call "
-                f"find_heads on it.")
+                f"find_heads on it.", "no weights")
     with eval_mode(twin):
         return _probe(twin, arch, probed, twin_candidates, n_heads)
 
@@ -822,7 +819,21 @@ def _read_probe(arch, li, an, o_name, x, jobs, projs, n_heads, head_dim) -> _Pla
     return _Plan(an, o_name, head_dim, tuple(tuple(sorted(g)) for g in groups), roles)
 
 
-def _arch(model: nn.Module) -> tuple[str, Override | None]:
+# ------------------------------------------------------------------------------------------------
+# find_heads
+
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, HeadLayout]]" = weakref.WeakKeyDictionary()
+
+
+def find_heads(model: nn.Module) -> HeadLayout:
+    """Locate the attention heads of a Hugging Face causal LM (the *ForCausalLM or its base model).
+
+    Runs the model once on a few tokens (in eval mode, without gradients, stopping after the probed
+    layers; train/eval modes, parameters and RNG streams are left as found) the first time it sees
+    a model object. Raises `HeadsNotFound` (a `ModelError`) when the heads cannot be described
+    exactly, saying what was found.
+    """
+    model = unwrap_model(model)
     config = getattr(model, "config", None)
     arch = getattr(config, "model_type", None)
     if config is None or arch is None:
@@ -833,16 +844,14 @@ def _arch(model: nn.Module) -> tuple[str, Override | None]:
     override = ARCHITECTURES.get(arch)
     if override is not None and override.refuse:
         raise HeadsNotFound(f"{arch}: {override.refuse}", "refused")
-    return arch, override
+    # The same modules and parameters give the same layout (training changes values only).
+    fingerprint = (tuple((id(m), type(m)) for m in model.modules()), tuple(id(p) for p in model.parameters()), override)
+    cached = _CACHE.get(model)
+    if cached is not None and cached[0] == fingerprint:
+        return cached[1]
+    text_config = _text_config(config)
+    layer_list = _decoder_layers(model, text_config, override, arch)
 
-
-def _structure(model: nn.Module, arch: str, override: Override | None, probe: bool):
-    """Part 1 of discovery: (decoder layers, attention candidates per layer, number of query heads),
-    or None where only running the model can tell the decoder layers apart (`probe=False`)."""
-    text_config = _text_config(model.config)
-    layer_list = _decoder_layers(model, text_config, override, arch, probe=probe)
-    if layer_list is None:
-        return None
     candidates: dict[int, list[tuple[str, nn.Module]]] = {}
     for li, layer in enumerate(layer_list):
         if override is not None and override.attention:
@@ -873,42 +882,6 @@ def _structure(model: nn.Module, arch: str, override: Override | None, probe: bo
         raise HeadsNotFound(
             f"{arch}: neither the config nor the attention-like module {type(candidates[0][0][1]).__name__} says how "
             f"many heads there are, so it is not multi-head attention (e.g. RWKV's time mixing).", "no heads")
-    return layer_list, candidates, n_heads
-
-
-def check_structure(model: nn.Module) -> None:
-    """The part of `find_heads` that needs no weights: refuses, with `find_heads`' message, a model
-    without decoder layers of multi-head attention (state-space, recurrent, hybrid models, refused
-    overrides). Works on a model built on the meta device, so a command can refuse such a model
-    before it loads or de-quantizes any weights. Passing it does not promise that `find_heads`
-    succeeds: the projections' head layout is read from a forward pass."""
-    model = unwrap_model(model)
-    arch, override = _arch(model)
-    _structure(model, arch, override, probe=False)
-
-
-# ------------------------------------------------------------------------------------------------
-# find_heads
-
-_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, HeadLayout]]" = weakref.WeakKeyDictionary()
-
-
-def find_heads(model: nn.Module) -> HeadLayout:
-    """Locate the attention heads of a Hugging Face causal LM (the *ForCausalLM or its base model).
-
-    Runs the model once on a few tokens (in eval mode, without gradients, stopping after the probed
-    layers; train/eval modes, parameters and RNG streams are left as found) the first time it sees
-    a model object. Raises `HeadsNotFound` (a `ModelError`) when the heads cannot be described
-    exactly, saying what was found.
-    """
-    model = unwrap_model(model)
-    arch, override = _arch(model)
-    # The same modules and parameters give the same layout (training changes values only).
-    fingerprint = (tuple((id(m), type(m)) for m in model.modules()), tuple(id(p) for p in model.parameters()), override)
-    cached = _CACHE.get(model)
-    if cached is not None and cached[0] == fingerprint:
-        return cached[1]
-    layer_list, candidates, n_heads = _structure(model, arch, override, probe=True)
 
     # Probe the first layer of each distinct attention structure; the others reuse its plan.
     first_of: dict[tuple, int] = {}
