@@ -193,12 +193,22 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def writable_dir(path: str | os.PathLike) -> Path:
-    """Create `path` if needed and check that files can be written in it, before any work starts."""
+def writable_dir(path: str | os.PathLike, create: bool = True) -> Path:
+    """Create `path` if needed and check that files can be written in it, before any work starts.
+    With `create=False` nothing is created: a missing `path` passes when its nearest existing parent
+    is a folder this process may create it in (a command checks this first and creates the folder
+    only when it writes its results)."""
     from lit_heads.errors import ConfigError
 
     out = Path(path)
     try:
+        if not create and not out.exists():
+            parent = next(p for p in out.absolute().parents if p.exists())
+            if not parent.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(parent))
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(parent))
+            return out
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write_test"
         probe.write_text("")

@@ -70,13 +70,16 @@ class LitHeadsCLI(LightningCLI):
         parser.link_arguments("model.model", "data.tokenizer")
 
     def before_instantiate_classes(self) -> None:
-        # Before the logger (first) and the model are built: bad data fails in a second, before a
-        # model loads or a W&B run folder appears; the run folder's defaults are filled in.
+        # Before the logger (first) and the model are built: bad data or a model that cannot work
+        # fails in seconds, before a model loads or a W&B run folder appears; the run folder's
+        # defaults are filled in.
         from lit_heads.data.datamodule import check_data_sources
+        from lit_heads.models import check_model
         from lit_heads.run_folder import fill_run_folder
 
         config = self.config[self.config.subcommand]
         check_data_sources(config.data)
+        check_model(config.model.model, heads=_uses_heads(config.trainer))
         fill_run_folder(config.trainer)
         if self.subcommand == "fit":
             self._prepare_fit()  # after fill_run_folder: it resolves `last` in the filled checkpoint folder
@@ -145,6 +148,24 @@ class LitHeadsCLI(LightningCLI):
             for logger in self.trainer.loggers:
                 if hasattr(logger, "finish"):
                     logger.finish(exit_code=1 if failed else 0)
+
+
+def _uses_heads(trainer_config) -> bool:
+    """Whether a callback of the config needs the model's attention heads (`find_heads`)."""
+    from lit_heads.callbacks.head_monitor import HeadActivationMonitor
+    from lit_heads.callbacks.head_restricted import HeadRestrictedFinetuning
+    from lit_heads.callbacks.lora import LoRAFinetuning
+    from lit_heads.resume import _class_of, _init_args
+
+    for entry in trainer_config.get("callbacks") or []:
+        cls = _class_of(entry)
+        if cls is None:
+            continue
+        if issubclass(cls, (HeadActivationMonitor, HeadRestrictedFinetuning)):
+            return True
+        if issubclass(cls, LoRAFinetuning) and _init_args(entry).get("targets") is None:  # the attention's layers
+            return True
+    return False
 
 
 def _loggers(trainer_config) -> list:

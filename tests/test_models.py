@@ -84,3 +84,14 @@ def test_the_cache_copy_gets_the_umask_mode(tmp_path, cache, monkeypatch, tiny_l
         os.umask(old)
     assert stat.S_IMODE(os.stat(target).st_mode) == 0o755
     assert (cache / os.path.basename(target) / "config.json").is_file()
+
+
+def test_resolve_without_dequantizing_names_the_file_and_its_future_cache_folder(tmp_path, cache, fake_dequantize):
+    """What the checks before the expensive work use: nothing is de-quantized until a load asks."""
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + os.urandom(256))
+    pending = models.resolve(str(gguf), dequantize=False)
+    assert pending.gguf_file == str(gguf) and not os.path.exists(pending.path) and fake_dequantize == []
+    loaded = models.resolve(str(gguf))
+    assert loaded.path == pending.path and loaded.gguf_file is None and len(fake_dequantize) == 1
+    assert models.resolve(str(gguf), dequantize=False) == loaded  # de-quantized now: the cache folder

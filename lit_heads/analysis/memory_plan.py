@@ -142,7 +142,7 @@ def load_config(name: str):
     text = str(name)
     path = Path(text).expanduser()
     if text.lower() in _BUNDLED_ALIASES:
-        path = bundled_gguf()
+        path = bundled_gguf(text)
     if path.suffix == ".ckpt":
         return load_config(checkpoint_base_model(path))
     if path.suffix == ".gguf":

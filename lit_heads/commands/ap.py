@@ -52,13 +52,17 @@ def ap(
     from lit_heads.heads import stats
     from lit_heads.heads.pattern import heatmap
     from lit_heads.heads.scoring import compute_ap
-    from lit_heads.models import load_model
+    from lit_heads.models import check_model, load_model
 
+    # Every check that can fail comes before the expensive work (de-quantizing, loading, scoring), and
+    # the output folder is made only when there is something to write into it.
     if precision not in PRECISIONS:
         raise ConfigError(f"--precision {precision!r} is not supported; use one of {sorted(PRECISIONS)}.")
     if n_samples < 1 or batch_size < 1:
         raise ConfigError(f"--n_samples and --batch_size must be >= 1, got {n_samples} and {batch_size}.")
-    out = writable_dir(output)
+    writable_dir(output, create=False)
+    check_model(model, heads=True)
+    examples = load_source(data, size=n_samples, seed=seed, format=format)[:n_samples]
     run_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
 
     started = time.perf_counter()
@@ -66,7 +70,6 @@ def ap(
     if precision == "bf16-true":
         net = net.to(torch.bfloat16)
     datamodule = SFTDataModule(tokenizer=model, batch_size=batch_size, max_length=max_length, format=format, seed=seed)
-    examples = load_source(data, size=n_samples, seed=seed, format=format)[:n_samples]
     loader = datamodule.make_dataloader(examples)
     autocast = PRECISIONS[precision] if precision.endswith("mixed") else None
     context = torch.autocast(run_device.type, dtype=autocast) if autocast else contextlib.nullcontext()
@@ -74,6 +77,7 @@ def ap(
         pattern = compute_ap(net, loader, device=run_device, meta={"model": model, "data": data, "step": None, "precision": precision})
     seconds = time.perf_counter() - started
 
+    out = writable_dir(output)
     pattern.save(out / "pattern.safetensors")
     pattern.to_npy(out / "pattern.npy")
     heatmap(pattern, out / "heatmap.png", title=f"activation pattern: {Path(model).name} on {Path(data).name}")

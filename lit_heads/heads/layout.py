@@ -64,7 +64,8 @@ __all__ = [
 class HeadsNotFound(ModelError):
     """`find_heads` cannot describe this model's heads. `kind` says why, in words the
     architecture table uses: "no attention", "no heads", "hybrid", "heads mixed", "not runnable",
-    "unsupported", "refused"."""
+    "unsupported", "refused"; "no weights" where only the loaded model can tell (a meta-device model
+    that neither a twin nor the structure settles)."""
 
     def __init__(self, message: str, kind: str = "unsupported"):
         super().__init__(message)
@@ -505,7 +506,7 @@ def _check_probeable(model: nn.Module, arch: str) -> None:
             raise HeadsNotFound(
                 f"{arch}: find_heads runs the model once on a few tokens to locate the heads, but parameter {name} "
                 f"is {'on the meta device' if p.device.type == 'meta' else 'sharded (DTensor)'}. Call find_heads "
-                f"on the loaded model before sharding it."
+                f"on the loaded model before sharding it.", "no weights" if p.device.type == "meta" else "unsupported"
             )
 
 
@@ -542,8 +543,8 @@ def _probe_twin(model: nn.Module, arch: str, override: Override | None, probed: 
     except Exception as e:  # noqa: BLE001 - any failure to build the twin is reported as such
         raise HeadsNotFound(
             f"{arch}: the model has no weights (meta device), so find_heads builds a small twin of it to locate the "
-            f"heads, and that failed ({type(e).__name__}: {e}). Load the model's weights and call find_heads on it."
-        ) from e
+            f"heads, and that failed ({type(e).__name__}: {e}). Load the model's weights and call find_heads on it.",
+            "no weights") from e
     twin_layers = _decoder_layers(twin, _text_config(twin.config), override, arch)
     twin_candidates = {li: _attention_candidates(twin_layers[li]) for li in probed}
     for li in probed:
@@ -551,7 +552,7 @@ def _probe_twin(model: nn.Module, arch: str, override: Override | None, probed: 
             raise HeadsNotFound(
                 f"{arch}: the model has no weights (meta device), and the small twin built from its config to locate "
                 f"the heads has a different attention module in layer {li}. Load the model's weights and call "
-                f"find_heads on it.")
+                f"find_heads on it.", "no weights")
     with eval_mode(twin):
         return _probe(twin, arch, probed, twin_candidates, n_heads)
 
