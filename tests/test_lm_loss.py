@@ -1,0 +1,203 @@
+"""The chunked response-token loss (lit_heads.heads.lm_loss) against the plain full-logits path.
+
+Tiny random float32 models on CPU: the loss, every parameter's gradient (embeddings included) and
+the activation pattern equal the plain path's; the [batch, seq, vocab] logits never exist, neither
+saved for backward nor as a working tensor of forward or backward.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from lit_heads.errors import ConfigError
+from lit_heads.heads import lm_loss
+from lit_heads.heads.lm_loss import HeadNotReproducible, logits_token_losses, mean_loss, sample_means, token_losses
+from lit_heads.heads.scoring import compute_ap, per_sample_loss
+from tiny_models import sft_batch, tiny_model
+
+LENGTHS, PROMPTS = (12, 9, 5), (4, 3, 1)  # 8 + 6 + 4 = 18 labelled tokens
+
+
+def _models():
+    return {
+        "llama-untied": tiny_model("llama", tie_word_embeddings=False),
+        "llama-tied": tiny_model("llama", tie_word_embeddings=True),
+        # Gemma 3's final-logit softcapping, small enough to change a tiny model's logits a lot.
+        "gemma3-softcap": tiny_model("gemma3_text", final_logit_softcapping=0.1, head_dim=16, query_pre_attn_scalar=16),
+    }
+
+
+MODELS = list(_models())
+
+
+@pytest.fixture(scope="module")
+def models():
+    return _models()
+
+
+def _inputs(batch):
+    return {k: batch[k] for k in ("input_ids", "attention_mask")}
+
+
+def _loss_and_grads(model, batch, chunk_size):
+    model.zero_grad(set_to_none=True)
+    loss = mean_loss(token_losses(model, _inputs(batch), batch["labels"], chunk_size=chunk_size))
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("name", MODELS)
+def test_loss_and_every_gradient_equal_the_plain_path(models, name, padding_side):
+    model = models[name]
+    batch = sft_batch(LENGTHS, PROMPTS, padding_side=padding_side)
+    plain_loss, plain_grads = _loss_and_grads(model, batch, 0)
+    assert torch.isfinite(plain_loss)
+    for chunk_size in (1, 5, 7, 1024):  # 18 labelled tokens: 5 and 7 leave a partial last chunk
+        loss, grads = _loss_and_grads(model, batch, chunk_size)
+        assert _rel(loss, plain_loss) <= 1e-5, (chunk_size, float(loss), float(plain_loss))
+        assert grads.keys() == plain_grads.keys()
+        for n, g in grads.items():
+            assert plain_grads[n].abs().max() > 0, n  # every parameter, embeddings included, gets a gradient
+            assert _rel(g, plain_grads[n]) <= 1e-5, (chunk_size, n, _rel(g, plain_grads[n]))
+
+
+def test_the_model_variants_are_what_they_claim(models):
+    tied, untied = models["llama-tied"], models["llama-untied"]
+    assert tied.get_output_embeddings().weight is tied.get_input_embeddings().weight
+    assert untied.get_output_embeddings().weight is not untied.get_input_embeddings().weight
+    gemma = models["gemma3-softcap"]
+    assert gemma.get_output_embeddings().weight is gemma.get_input_embeddings().weight
+    batch = sft_batch(LENGTHS, PROMPTS)
+    token_losses(gemma, _inputs(batch), batch["labels"])
+    assert lm_loss._CHECKED[gemma].softcap == 0.1
+    # The softcap matters here: without it the same model's logits are far off.
+    with torch.no_grad():
+        uncapped = gemma.lm_head(gemma.model(**_inputs(batch))[0])
+        capped = gemma(**_inputs(batch)).logits
+    assert _rel(uncapped, capped) > 0.1
+
+
+def test_per_token_and_per_sample_losses_equal_the_plain_path(models):
+    model = models["gemma3-softcap"]
+    batch = sft_batch(LENGTHS, PROMPTS)
+    with torch.no_grad():
+        logits = model(**_inputs(batch)).logits
+        chunked = token_losses(model, _inputs(batch), batch["labels"], chunk_size=5)
+    plain = logits_token_losses(logits, batch["labels"])
+    assert chunked.shape == plain.shape == (18,) and chunked.dtype == torch.float32
+    assert _rel(chunked, plain) <= 1e-6
+    assert _rel(sample_means(chunked, batch["labels"]), per_sample_loss(logits, batch["labels"])) <= 1e-6
+
+
+def test_a_batch_without_labelled_tokens_gives_what_the_plain_path_gives(models):
+    model = models["llama-untied"]
+    batch = sft_batch(LENGTHS, PROMPTS)
+    batch["labels"] = torch.full_like(batch["labels"], -100)
+    plain_loss, plain_grads = _loss_and_grads(model, batch, 0)
+    loss, grads = _loss_and_grads(model, batch, 4)
+    assert torch.isnan(plain_loss) and torch.isnan(loss)  # cross-entropy's mean over no token
+    for n, g in grads.items():
+        assert torch.equal(g, plain_grads[n]) and not g.any(), n  # zero gradients, not missing ones
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("name", ["llama-untied", "gemma3-softcap"])
+def test_activation_pattern_is_unchanged(models, name, padding_side):
+    model = models[name]
+    batches = [sft_batch(LENGTHS, PROMPTS, seed=s, padding_side=padding_side) for s in range(2)]
+    plain = compute_ap(model, batches, progress=False, loss_chunk_size=0).scores
+    chunked = compute_ap(model, batches, progress=False, loss_chunk_size=5).scores
+    assert plain.abs().min() > 0
+    assert _rel(chunked, plain) <= 1e-6
+
+
+# ------------------------------------------------------------------------------------------------
+# memory
+
+V = 1024
+
+
+class _WidestLogits(TorchDispatchMode):
+    """The most positions of any freshly allocated tensor whose last dimension is the vocabulary,
+    over every op of forward and backward (views of existing tensors allocate nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] == V and t.untyped_storage().data_ptr() not in given:
+                self.rows = max(self.rows, t.numel() // V)
+        return out
+
+
+@pytest.mark.parametrize("chunk_size", [0, 37])
+def test_memory_is_bounded_by_the_chunk(chunk_size):
+    # Hidden 32 < chunk 37: the head's weight ([V, 32]) is not mistaken for a chunk of logits.
+    model = tiny_model("llama", vocab_size=V)
+    batch = sft_batch((40, 33, 25), (4, 3, 1), vocab=V)  # 36 + 30 + 24 = 90 labelled of 120 positions
+    B, T = batch["input_ids"].shape
+    token_losses(model, _inputs(batch), batch["labels"], chunk_size=chunk_size)  # the one-off head check
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved.append(t.numel())
+        return t
+
+    widest = _WidestLogits()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), widest:
+        loss = mean_loss(token_losses(model, _inputs(batch), batch["labels"], chunk_size=chunk_size))
+    with widest:
+        loss.backward()
+    if chunk_size:
+        assert max(saved) < chunk_size * V < B * T * V  # nothing vocabulary-sized is kept for backward
+        assert 0 < widest.rows <= chunk_size  # nor ever exists beyond one chunk, forward or backward
+    else:  # the plain path does hold them: the checks above can fail
+        assert max(saved) >= B * (T - 1) * V
+        assert widest.rows >= B * (T - 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# refusals
+
+
+def test_a_logit_transform_the_chunked_path_does_not_know_is_refused():
+    model = tiny_model("llama")
+    model.config.final_logit_softcapping = 2.0  # read by the chunked path, ignored by Llama's forward
+    batch = sft_batch(LENGTHS, PROMPTS)
+    for _ in range(2):  # the verdict is kept: the second call refuses too, without a new check
+        with pytest.raises(HeadNotReproducible, match=r"LlamaForCausalLM: its forward does something to the logits "
+                           r"after the LM head.*softcap 2.*loss_chunk_size: 0"):
+            token_losses(model, _inputs(batch), batch["labels"])
+    # The plain path still works for it.
+    assert torch.isfinite(mean_loss(token_losses(model, _inputs(batch), batch["labels"], chunk_size=0)))
+
+
+def test_a_model_without_separate_head_is_refused():
+    from transformers import LlamaModel
+
+    model = LlamaModel(tiny_model("llama").config)
+    batch = sft_batch(LENGTHS, PROMPTS)
+    with pytest.raises(HeadNotReproducible, match=r"LlamaModel has no decoder .*model.loss_chunk_size: 0"):
+        token_losses(model, _inputs(batch), batch["labels"])
+
+
+def test_a_negative_chunk_size_is_refused():
+    batch = sft_batch(LENGTHS, PROMPTS)
+    with pytest.raises(ConfigError, match="loss_chunk_size must be a positive number of positions"):
+        token_losses(tiny_model("llama"), _inputs(batch), batch["labels"], chunk_size=-1)
