@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
 from lit_heads.atomic import atomic_dir
-from lit_heads.heads.lm_loss import DEFAULT_CHUNK_SIZE, logits_token_losses, mean_loss, token_losses
+from lit_heads.heads.lm_loss import DEFAULT_CHUNK_SIZE, check_chunked_loss, logits_token_losses, mean_loss, token_losses
 from lit_heads.models import DEFAULT_MODEL, load_model, load_tokenizer
 from lit_heads.optim import WarmupCosine, default_adamw
 
@@ -131,6 +131,7 @@ class SFTModule(L.LightningModule):
         # without this dropout would be off and gradient checkpointing (active only in training) idle.
         # Here, not in on_train_start: Lightning checks the modes (and warns) just before that hook.
         self.train()
+        check_chunked_loss(self.model, self.hparams.loss_chunk_size)  # its probe forwards before the first step
         params = list(self.parameters())
         trainable = sum(p.numel() for p in params if p.requires_grad)
         frozen = sum(p.numel() for p in params if not p.requires_grad)

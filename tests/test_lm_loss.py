@@ -201,3 +201,46 @@ def test_a_negative_chunk_size_is_refused():
     batch = sft_batch(LENGTHS, PROMPTS)
     with pytest.raises(ConfigError, match="loss_chunk_size must be a positive number of positions"):
         token_losses(tiny_model("llama"), _inputs(batch), batch["labels"], chunk_size=-1)
+
+
+# ------------------------------------------------------------------------------------------------
+# SFTModule: the knob, training with gradient checkpointing, validation
+
+
+def _module_step(module, batch):
+    """Loss, every gradient and the row counts the LM head saw, for one training step's loss."""
+    seen = []
+    handle = module.model.get_output_embeddings().register_forward_hook(lambda m, a, out: seen.append(a[0].shape))
+    module.model.zero_grad(set_to_none=True)
+    loss = module.loss(batch)
+    loss.backward()
+    handle.remove()
+    grads = {n: p.grad.clone() for n, p in module.model.named_parameters()}
+    return loss.detach(), grads, seen
+
+
+def test_module_knob_and_gradient_checkpointing(tiny_llama_dir):
+    from lit_heads.data import SFTDataModule
+    from lit_heads.module import SFTModule
+
+    dm = SFTDataModule(tokenizer=str(tiny_llama_dir), train_size=4, val_size=4, max_length=128, batch_size=4)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    n_labelled = int((batch["labels"][:, 1:] != -100).sum())
+    plain = SFTModule(str(tiny_llama_dir), num_generate=0, loss_chunk_size=0)
+    chunked = SFTModule(str(tiny_llama_dir), num_generate=0, loss_chunk_size=16, gradient_checkpointing=True)
+    plain.train(), chunked.train()  # training mode: the model's own checkpointing recomputes the layers
+    assert chunked.model.is_gradient_checkpointing and chunked.model.model.gradient_checkpointing
+    plain_loss, plain_grads, plain_seen = _module_step(plain, batch)
+    loss, grads, seen = _module_step(chunked, batch)
+    assert _rel(loss, plain_loss) <= 1e-5
+    for n, g in grads.items():
+        assert _rel(g, plain_grads[n]) <= 1e-5, n
+    # The plain path runs the head on every position at once, the chunked one on 16 labelled ones at a time
+    # (forward, then again in backward).
+    assert plain_seen == [torch.Size([*batch["input_ids"].shape, 64])]
+    rows = [s[0] for s in seen if len(s) == 2]  # not the one-off check's [1, 8, hidden] probe
+    assert max(rows) == 16 and sum(rows) == 2 * n_labelled
+    # Validation's one definition of the loss, on either path.
+    plain.eval(), chunked.eval()
+    assert chunked.evaluate_loss(dm.val_dataloader()) == pytest.approx(plain.evaluate_loss(dm.val_dataloader()), rel=1e-5)

@@ -33,8 +33,8 @@ from torch.utils.checkpoint import checkpoint
 from lit_heads.errors import ConfigError
 from lit_heads.heads.layout import eval_mode, unwrap_model
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "HeadNotReproducible", "IGNORE_INDEX", "logits_token_losses", "mean_loss",
-           "sample_means", "token_losses"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "HeadNotReproducible", "IGNORE_INDEX", "check_chunked_loss", "logits_token_losses",
+           "mean_loss", "sample_means", "token_losses"]
 
 IGNORE_INDEX = -100
 # Positions per chunk: 1024 x 262,144 (Gemma 3) float32 logits are 1 GiB; fewer positions would
@@ -91,9 +91,7 @@ def token_losses(model: nn.Module, inputs: Mapping[str, torch.Tensor], labels: t
     """
     if not chunk_size:
         return logits_token_losses(model(**inputs, use_cache=False).logits, labels)
-    if chunk_size < 0:
-        raise ConfigError(f"loss_chunk_size must be a positive number of positions (or 0 for the plain path), "
-                          f"got {chunk_size}.")
+    check_chunked_loss(model, chunk_size)
     model = hf_model(model)
     head = reproduced_head(model)
     hidden = model.base_model(**inputs, use_cache=False)[0]
@@ -105,6 +103,16 @@ def token_losses(model: nn.Module, inputs: Mapping[str, torch.Tensor], labels: t
     if not torch.is_grad_enabled():  # no backward, nothing to recompute
         return torch.cat([head.cross_entropy(r, t) for r, t in chunks])
     return torch.cat([checkpoint(head.cross_entropy, r, t, use_reentrant=False) for r, t in chunks])
+
+
+def check_chunked_loss(model: nn.Module, chunk_size: int | None) -> None:
+    """Raise now what `token_losses` would raise at its first batch (`HeadNotReproducible`, a bad
+    chunk size), with the check's own forward passes outside any training step."""
+    if chunk_size:
+        if chunk_size < 0:
+            raise ConfigError(f"loss_chunk_size must be a positive number of positions (or 0 for the plain path), "
+                              f"got {chunk_size}.")
+        reproduced_head(hf_model(model))
 
 
 def hf_model(model: nn.Module) -> nn.Module:
