@@ -181,8 +181,9 @@ def test_a_logit_transform_the_chunked_path_does_not_know_is_refused():
     model.config.final_logit_softcapping = 2.0  # read by the chunked path, ignored by Llama's forward
     batch = sft_batch(LENGTHS, PROMPTS)
     for _ in range(2):  # the verdict is kept: the second call refuses too, without a new check
-        with pytest.raises(HeadNotReproducible, match=r"LlamaForCausalLM: its forward does something to the logits "
-                           r"after the LM head.*softcap 2.*loss_chunk_size: 0"):
+        with pytest.raises(HeadNotReproducible, match=r"LlamaForCausalLM: its forward does something between the "
+                           r"decoder's hidden states and the logits .*Tried: lm_head, softcap 2: logits off by .*"
+                           r"loss_chunk_size: 0"):
             token_losses(model, _inputs(batch), batch["labels"])
     # The plain path still works for it.
     assert torch.isfinite(mean_loss(token_losses(model, _inputs(batch), batch["labels"], chunk_size=0)))

@@ -129,65 +129,86 @@ def hf_model(model: nn.Module) -> nn.Module:
 
 @dataclass(frozen=True)
 class _Head:
-    """The model's LM head and the elementwise transform its forward applies to the logits (scales
-    first, then the tanh softcap, as Gemma-style forwards do), cut to the model's vocabulary."""
+    """What the model's forward does with the decoder's hidden states: its head modules (children of
+    the model, by name: `lm_head`; BERT's `cls`; Electra's `generator_predictions`, `generator_lm_head`)
+    applied in turn, then the elementwise transform of the logits (scales first, then the tanh softcap,
+    as Gemma-style forwards do), cut to the model's vocabulary. By name, so that a module replaced
+    later (a PEFT adapter on the LM head) is the one used."""
 
-    module: nn.Module
+    names: tuple[str, ...]
     multiply: float | None = None
     divide: float | None = None
     softcap: float | None = None
     vocab: int | None = None
 
+    def bind(self, model: nn.Module) -> "_BoundHead":
+        return _BoundHead(self, tuple(getattr(model, n) for n in self.names))
+
+    def describe(self) -> str:
+        parts = [f"{k} {v:g}" for k, v in (("x", self.multiply), ("/", self.divide), ("softcap", self.softcap))
+                 if v is not None]
+        return f"{' then '.join(self.names)}" + (f", {', '.join(parts)}" if parts else "")
+
+
+@dataclass(frozen=True)
+class _BoundHead:
+    spec: _Head
+    modules: tuple[nn.Module, ...]
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.module(hidden)
-        if self.vocab is not None:
-            logits = logits[..., :self.vocab]
-        if self.multiply is not None:
-            logits = logits * self.multiply
-        if self.divide is not None:
-            logits = logits / self.divide
-        if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
+        for module in self.modules:
+            hidden = module(hidden)
+        logits, spec = hidden, self.spec
+        if spec.vocab is not None:
+            logits = logits[..., :spec.vocab]
+        if spec.multiply is not None:
+            logits = logits * spec.multiply
+        if spec.divide is not None:
+            logits = logits / spec.divide
+        if spec.softcap is not None:
+            logits = torch.tanh(logits / spec.softcap) * spec.softcap
         return logits
 
     def cross_entropy(self, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.logits(rows).float(), targets, reduction="none")
 
 
-# Per model: the transform found and checked on it. The model's modules change (PEFT adapters,
-# parametrizations) but not what its forward does after the head, so the module is looked up anew.
+# Per model: the head found and checked on it (or the refusal). What the forward does after the
+# decoder does not change; the modules may (PEFT adapters), so they are looked up by name each time.
 _CHECKED: "weakref.WeakKeyDictionary[nn.Module, _Head | HeadNotReproducible]" = weakref.WeakKeyDictionary()
 
 
-def reproduced_head(model: nn.Module) -> _Head:
+def reproduced_head(model: nn.Module) -> _BoundHead:
     """The model's head with its logit transform, checked once against the model's own forward."""
     found = _CHECKED.get(model)
     if found is None:
-        found = _check(model, _head_of(model))
+        found = _check(model, _candidates(model))
         _CHECKED[model] = found
     if isinstance(found, HeadNotReproducible):
         raise found
-    return _Head(_output_embeddings(model), found.multiply, found.divide, found.softcap, found.vocab)
+    return found.bind(model)
 
 
-def _output_embeddings(model: nn.Module) -> nn.Module:
-    """The model's child module that holds its output embeddings: the LM head itself (`lm_head`), or
-    a head with layers before the projection (BERT's `cls`: dense, activation, norm, decoder)."""
+def _candidates(model: nn.Module) -> list[_Head]:
+    """The heads to try, most likely first: the child module that holds the output embeddings alone
+    (`lm_head`, BERT's `cls`), then every child after the decoder in registration order (Electra)."""
     get = getattr(model, "get_output_embeddings", None)
     out = get() if callable(get) else None
     base = getattr(model, "base_model", model)
-    if out is not None and base is not model:
-        for child in model.children():
-            if child is not base and any(m is out for m in child.modules()):
-                return child
-    raise HeadNotReproducible(
-        f"{type(model).__name__} has no decoder (`base_model`) and separate LM head (a child module holding "
-        f"`get_output_embeddings()`), so the chunked loss cannot compute its logits from the hidden states. "
-        + _USE_PLAIN
-    )
+    if out is None or base is model:
+        raise HeadNotReproducible(
+            f"{type(model).__name__} has no decoder (`base_model`) and separate LM head (a child module holding "
+            f"`get_output_embeddings()`), so the chunked loss cannot compute its logits from the hidden states. "
+            + _USE_PLAIN
+        )
+    children = [(n, c) for n, c in model.named_children() if c is not base]
+    holding = [n for n, c in children if any(m is out for m in c.modules())]
+    transform = _transform(model)
+    names = [tuple(holding), tuple(n for n, _ in children)]
+    return [_Head(n, **transform) for i, n in enumerate(names) if n and n not in names[:i]]
 
 
-def _head_of(model: nn.Module) -> _Head:
+def _transform(model: nn.Module) -> dict:
     config = getattr(model, "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     product = 1.0
@@ -199,8 +220,7 @@ def _head_of(model: nn.Module) -> _Head:
     divide = getattr(text, "logits_scaling", None)  # Granite
     softcap = getattr(text, "final_logit_softcapping", None)  # Gemma 2, 3, ...
     vocab = getattr(text, "unpadded_vocab_size", None)
-    return _Head(
-        _output_embeddings(model),
+    return dict(
         multiply=product if product != 1.0 else None,
         divide=float(divide) if isinstance(divide, (int, float)) and divide != 1 else None,
         softcap=float(softcap) if softcap else None,
@@ -208,42 +228,39 @@ def _head_of(model: nn.Module) -> _Head:
     )
 
 
-def _check(model: nn.Module, head: _Head) -> _Head | HeadNotReproducible:
-    """Whether the head applied to the decoder's hidden states gives the model's own logits, on one
+def _check(model: nn.Module, candidates: list[_Head]) -> _Head | HeadNotReproducible:
+    """The first candidate whose logits from the decoder's hidden states are the model's own, on one
     short random sequence (eval mode, no grad). Differences of rounding pass; a missing softcap,
-    scale or bias does not (it changes the logits by far more)."""
+    scale, bias or layer does not (it changes the logits by far more)."""
     emb = model.get_input_embeddings()
     vocab = emb.num_embeddings
     device = emb.weight.device
     ids = torch.randint(min(4, vocab - 1), vocab, (1, 8), generator=torch.Generator().manual_seed(0)).to(device)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     name = type(model).__name__
+    tried = []
     with eval_mode(model), torch.no_grad():
         expected = model(**inputs, use_cache=False).logits
-        try:
-            got = head.logits(model.base_model(**inputs, use_cache=False)[0])
-        except Exception as err:  # a head that does not take the decoder's output as it is
-            return HeadNotReproducible(
-                f"{name}: its LM head does not apply to its decoder's hidden states ({type(err).__name__}: {err}), "
-                f"so the chunked loss cannot compute its logits. " + _USE_PLAIN
-            )
-    if got.shape != expected.shape:
-        return HeadNotReproducible(
-            f"{name}: the LM head applied to the decoder's hidden states gives logits of shape {tuple(got.shape)}, "
-            f"the model's forward {tuple(expected.shape)}, so the chunked loss cannot reproduce them. " + _USE_PLAIN
-        )
-    eps = torch.finfo(_precision(model, expected)).eps
-    expected, got = expected.double(), got.double()
-    scale = float(expected.abs().amax())
-    diff = float((got - expected).abs().amax())
-    tol = 4 * eps * max(scale, 1e-30)
-    if not diff <= tol:  # NaN fails too
-        return HeadNotReproducible(
-            f"{name}: its forward does something to the logits after the LM head that lit_heads does not know "
-            f"(found: {_describe(head)}); the chunked loss's logits differ from the model's by {diff:.3g} "
-            f"(largest logit {scale:.3g}). " + _USE_PLAIN
-        )
-    return head
+        hidden = model.base_model(**inputs, use_cache=False)[0]
+        eps = torch.finfo(_precision(model, expected)).eps
+        scale = float(expected.double().abs().amax())
+        for head in candidates:
+            try:
+                got = head.bind(model).logits(hidden)
+            except Exception as err:  # a head that does not take the decoder's output as it is
+                tried.append(f"{head.describe()}: {type(err).__name__}: {err}")
+                continue
+            if got.shape != expected.shape:
+                tried.append(f"{head.describe()}: shape {tuple(got.shape)}, the model's {tuple(expected.shape)}")
+                continue
+            diff = float((got.double() - expected.double()).abs().amax())
+            if diff <= 4 * eps * max(scale, 1e-30):  # NaN fails too
+                return head
+            tried.append(f"{head.describe()}: logits off by {diff:.3g} (largest {scale:.3g})")
+    return HeadNotReproducible(
+        f"{name}: its forward does something between the decoder's hidden states and the logits that lit_heads "
+        f"cannot reproduce, so the chunked loss cannot compute its logits. Tried: {'; '.join(tried)}. " + _USE_PLAIN
+    )
 
 
 def _precision(model: nn.Module, logits: torch.Tensor) -> torch.dtype:
@@ -253,9 +270,3 @@ def _precision(model: nn.Module, logits: torch.Tensor) -> torch.dtype:
     dtypes = [logits.dtype, weight.dtype] + ([torch.get_autocast_dtype(weight.device.type)]
                                              if torch.is_autocast_enabled(weight.device.type) else [])
     return max(dtypes, key=lambda d: torch.finfo(d).eps if d.is_floating_point else 0.0)
-
-
-def _describe(head: _Head) -> str:
-    parts = [f"{k} {v:g}" for k, v in (("x", head.multiply), ("/", head.divide), ("softcap", head.softcap))
-             if v is not None]
-    return ", ".join(parts) if parts else "no logit transform"
