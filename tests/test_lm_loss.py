@@ -139,7 +139,8 @@ class _WidestLogits(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         given = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] == V and t.untyped_storage().data_ptr() not in given:
+            fresh = isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given
+            if fresh and t.dim() and t.shape[-1] == V:
                 self.rows = max(self.rows, t.numel() // V)
         return out
 
@@ -244,4 +245,5 @@ def test_module_knob_and_gradient_checkpointing(tiny_llama_dir):
     assert max(rows) == 16 and sum(rows) == 2 * n_labelled
     # Validation's one definition of the loss, on either path.
     plain.eval(), chunked.eval()
-    assert chunked.evaluate_loss(dm.val_dataloader()) == pytest.approx(plain.evaluate_loss(dm.val_dataloader()), rel=1e-5)
+    expected = plain.evaluate_loss(dm.val_dataloader())
+    assert chunked.evaluate_loss(dm.val_dataloader()) == pytest.approx(expected, rel=1e-5)

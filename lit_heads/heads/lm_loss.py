@@ -8,7 +8,7 @@ tokens (shifted labels != -100), averaged over those tokens (or over each sample
 The plain path (`chunk_size=0`) runs the whole model and takes the cross-entropy of its logits: it
 holds batch x seq x vocab logits, their float32 copy and their gradient, which for a 262k-token
 vocabulary (Gemma 3) are the largest tensors of a step. The chunked path (the default) runs the
-model's decoder (`model.base_model`), gathers the hidden states of the labelled positions only and
+model's decoder (`decoder_of`), gathers the hidden states of the labelled positions only and
 applies the LM head, and what the model's forward does to its logits after the head, to `chunk_size`
 positions at a time. Each chunk is checkpointed (`torch.utils.checkpoint`): backward recomputes its
 logits instead of keeping them, so the loss never holds more than one chunk of logits.
@@ -94,7 +94,7 @@ def token_losses(model: nn.Module, inputs: Mapping[str, torch.Tensor], labels: t
     check_chunked_loss(model, chunk_size)
     model = hf_model(model)
     head = reproduced_head(model)
-    hidden = model.base_model(**inputs, use_cache=False)[0]
+    hidden = decoder_of(model)(**inputs, use_cache=False)[0]
     keep = labelled(labels)
     rows, targets = hidden[:, :-1][keep], labels[:, 1:][keep]
     if rows.shape[0] == 0:  # still through the head, so the graph holds every parameter (zero gradients)
@@ -115,6 +115,17 @@ def check_chunked_loss(model: nn.Module, chunk_size: int | None) -> None:
         reproduced_head(hf_model(model))
 
 
+def decoder_of(model: nn.Module) -> nn.Module | None:
+    """The module whose output the model's forward turns into logits: `base_model` (`model.model`,
+    GPT-2's `transformer`), else `get_decoder()`, else a child named `model` (Llama 4, whose
+    `base_model_prefix` names no attribute); None if there is none."""
+    get = getattr(model, "get_decoder", None)
+    for found in (getattr(model, "base_model", None), get() if callable(get) else None, getattr(model, "model", None)):
+        if isinstance(found, nn.Module) and found is not model:
+            return found
+    return None
+
+
 def hf_model(model: nn.Module) -> nn.Module:
     """The Hugging Face model inside DDP, torch.compile or PEFT wrappers (a PEFT model's own
     `base_model` is its tuner, not the decoder)."""
@@ -132,10 +143,12 @@ class _Head:
     """What the model's forward does with the decoder's hidden states: its head modules (children of
     the model, by name: `lm_head`; BERT's `cls`; Electra's `generator_predictions`, `generator_lm_head`)
     applied in turn, then the elementwise transform of the logits (scales first, then the tanh softcap,
-    as Gemma-style forwards do), cut to the model's vocabulary. By name, so that a module replaced
+    as Gemma-style forwards do), cut to the model's vocabulary; hidden states divided by `hidden_divide`
+    first where the forward does so (Inkling's muP width multiplier). By name, so that a module replaced
     later (a PEFT adapter on the LM head) is the one used."""
 
     names: tuple[str, ...]
+    hidden_divide: float | None = None
     multiply: float | None = None
     divide: float | None = None
     softcap: float | None = None
@@ -145,8 +158,8 @@ class _Head:
         return _BoundHead(self, tuple(getattr(model, n) for n in self.names))
 
     def describe(self) -> str:
-        parts = [f"{k} {v:g}" for k, v in (("x", self.multiply), ("/", self.divide), ("softcap", self.softcap))
-                 if v is not None]
+        parts = [f"{k} {v:g}" for k, v in (("hidden /", self.hidden_divide), ("x", self.multiply), ("/", self.divide),
+                                            ("softcap", self.softcap)) if v is not None]
         return f"{' then '.join(self.names)}" + (f", {', '.join(parts)}" if parts else "")
 
 
@@ -156,6 +169,8 @@ class _BoundHead:
     modules: tuple[nn.Module, ...]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.spec.hidden_divide is not None:
+            hidden = hidden / self.spec.hidden_divide
         for module in self.modules:
             hidden = module(hidden)
         logits, spec = hidden, self.spec
@@ -194,11 +209,12 @@ def _candidates(model: nn.Module) -> list[_Head]:
     (`lm_head`, BERT's `cls`), then every child after the decoder in registration order (Electra)."""
     get = getattr(model, "get_output_embeddings", None)
     out = get() if callable(get) else None
-    base = getattr(model, "base_model", model)
-    if out is None or base is model:
+    base = decoder_of(model)
+    if out is None or base is None:
         raise HeadNotReproducible(
-            f"{type(model).__name__} has no decoder (`base_model`) and separate LM head (a child module holding "
-            f"`get_output_embeddings()`), so the chunked loss cannot compute its logits from the hidden states. "
+            f"{type(model).__name__} has no decoder (`base_model`, `get_decoder()`) and separate LM head (a child "
+            f"module holding `get_output_embeddings()`), so the chunked loss cannot compute its logits from the "
+            f"hidden states. "
             + _USE_PLAIN
         )
     children = [(n, c) for n, c in model.named_children() if c is not base]
@@ -220,7 +236,9 @@ def _transform(model: nn.Module) -> dict:
     divide = getattr(text, "logits_scaling", None)  # Granite
     softcap = getattr(text, "final_logit_softcapping", None)  # Gemma 2, 3, ...
     vocab = getattr(text, "unpadded_vocab_size", None)
+    width = getattr(text, "logits_mup_width_multiplier", None)  # Inkling
     return dict(
+        hidden_divide=float(width) if isinstance(width, (int, float)) and width != 1 else None,
         multiply=product if product != 1.0 else None,
         divide=float(divide) if isinstance(divide, (int, float)) and divide != 1 else None,
         softcap=float(softcap) if softcap else None,
@@ -241,7 +259,7 @@ def _check(model: nn.Module, candidates: list[_Head]) -> _Head | HeadNotReproduc
     tried = []
     with eval_mode(model), torch.no_grad():
         expected = model(**inputs, use_cache=False).logits
-        hidden = model.base_model(**inputs, use_cache=False)[0]
+        hidden = decoder_of(model)(**inputs, use_cache=False)[0]
         eps = torch.finfo(_precision(model, expected)).eps
         scale = float(expected.double().abs().amax())
         for head in candidates:

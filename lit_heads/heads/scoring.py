@@ -35,7 +35,7 @@ from torch import nn
 from lit_heads.errors import ConfigError, DataError
 from lit_heads.heads.layout import HeadLayout, eval_mode, find_heads, unwrap_model
 from lit_heads.heads.lm_loss import DEFAULT_CHUNK_SIZE, IGNORE_INDEX, labelled, logits_token_losses, sample_means
-from lit_heads.heads.lm_loss import token_losses
+from lit_heads.heads.lm_loss import decoder_of, token_losses
 from lit_heads.heads.pattern import FORMULA_VERSION, Pattern
 
 __all__ = ["HeadGateCapture", "compute_ap", "per_sample_loss", "per_sample_scale"]
@@ -91,7 +91,7 @@ class HeadGateCapture:
         for lh in self.layout.layers:
             self._handles.append(lh.o_proj.register_forward_pre_hook(self._make_pre_hook(lh.index)))
         # On the decoder too: the chunked loss (lm_loss) runs the decoder without the model's forward.
-        for module in {self.model, getattr(self.model, "base_model", self.model)}:
+        for module in {self.model, decoder_of(self.model) or self.model}:
             self._handles.append(module.register_forward_pre_hook(self._check_padding, with_kwargs=True))
         if self.require_input_grad:
             emb = self.model.get_input_embeddings()
