@@ -234,7 +234,9 @@ def _transform(model: nn.Module) -> dict:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             product *= float(value)
     divide = getattr(text, "logits_scaling", None)  # Granite
-    softcap = getattr(text, "final_logit_softcapping", None)  # Gemma 2, 3, ...
+    # Gemma 2, 3, ...; RecurrentGemma; xLSTM
+    softcap = next((v for v in (getattr(text, n, None) for n in ("final_logit_softcapping", "logits_soft_cap",
+                                                                "output_logit_soft_cap")) if v), None)
     vocab = getattr(text, "unpadded_vocab_size", None)
     width = getattr(text, "logits_mup_width_multiplier", None)  # Inkling
     return dict(
@@ -265,11 +267,12 @@ def _check(model: nn.Module, candidates: list[_Head]) -> _Head | HeadNotReproduc
         for head in candidates:
             try:
                 got = head.bind(model).logits(hidden)
+                shape = tuple(got.shape)
             except Exception as err:  # a head that does not take the decoder's output as it is
                 tried.append(f"{head.describe()}: {type(err).__name__}: {err}")
                 continue
-            if got.shape != expected.shape:
-                tried.append(f"{head.describe()}: shape {tuple(got.shape)}, the model's {tuple(expected.shape)}")
+            if shape != tuple(expected.shape):
+                tried.append(f"{head.describe()}: shape {shape}, the model's {tuple(expected.shape)}")
                 continue
             diff = float((got.double() - expected.double()).abs().amax())
             if diff <= 4 * eps * max(scale, 1e-30):  # NaN fails too
