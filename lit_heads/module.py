@@ -1,10 +1,12 @@
 """The SFT LightningModule: wraps a Hugging Face causal LM.
 
 Loss is token-averaged cross-entropy over response tokens only (the DataModule labels prompt and
-padding with -100). The validation and test loss is `ResponseLoss`: the same cross-entropy summed
-over every response token of the whole set (on every rank) and divided by their number; its exp is
-the perplexity. Validation and test also generate answers for a few held-out prompts and score them
-with the task's exact-match checker (`val/acc`, `test/acc`).
+padding with -100), computed by `lit_heads.heads.lm_loss` from the final hidden states of the
+response positions, `loss_chunk_size` positions at a time (no [batch, seq, vocab] logits). The
+validation and test loss is `ResponseLoss`: the same cross-entropy summed over every response token
+of the whole set (on every rank) and divided by their number; its exp is the perplexity. Validation
+and test also generate answers for a few held-out prompts and score them with the task's exact-match
+checker (`val/acc`, `test/acc`).
 """
 
 from __future__ import annotations
@@ -16,26 +18,26 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
 from lit_heads.atomic import atomic_dir
+from lit_heads.heads.lm_loss import DEFAULT_CHUNK_SIZE, check_chunked_loss, logits_token_losses, mean_loss, token_losses
 from lit_heads.models import DEFAULT_MODEL, load_model, load_tokenizer
 from lit_heads.optim import WarmupCosine, default_adamw
 
 
 def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled (response) tokens of the whole batch."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+    """Mean next-token cross-entropy over the labelled (response) tokens of the whole batch, from full
+    logits (the plain path; `SFTModule.loss` is the same number without them)."""
+    return mean_loss(logits_token_losses(logits, labels))
 
 
-def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy of each labelled (response) token of the batch, as a 1-D tensor."""
-    targets = labels[:, 1:].flatten()
-    losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, ignore_index=-100, reduction="none")
-    return losses[targets != -100]
+def loss_chunk_size(pl_module: L.LightningModule) -> int | None:
+    """The fit's `loss_chunk_size`, for the callbacks that score the model with the same loss path (the
+    default for a LightningModule without one)."""
+    return getattr(pl_module, "hparams", {}).get("loss_chunk_size", DEFAULT_CHUNK_SIZE)
 
 
 def model_size(model: torch.nn.Module) -> int:
@@ -68,8 +70,9 @@ class ResponseLoss(MeanMetric):
         # "disable": a NaN loss must show as NaN, not be dropped from the mean with a warning.
         super().__init__(nan_strategy="disable")
 
-    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        self.update(token_losses(logits, labels))
+    def add(self, losses: torch.Tensor) -> None:
+        """Add a batch's `SFTModule.token_losses`."""
+        self.update(losses)
 
 
 class SFTModule(L.LightningModule):
@@ -85,6 +88,7 @@ class SFTModule(L.LightningModule):
         num_generate: int = 16,
         max_new_tokens: int = 48,
         gradient_checkpointing: bool = False,
+        loss_chunk_size: int = DEFAULT_CHUNK_SIZE,
     ):
         """
         Args:
@@ -95,6 +99,8 @@ class SFTModule(L.LightningModule):
             num_generate: validation prompts answered by greedy generation for `val/acc` (0 disables).
             max_new_tokens: generation budget per validation prompt.
             gradient_checkpointing: trade compute for activation memory (active in training only).
+            loss_chunk_size: response positions whose logits exist at once in the loss (recomputed in
+                backward); 0: the plain path, the model's full [batch, seq, vocab] logits.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -111,7 +117,13 @@ class SFTModule(L.LightningModule):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     def loss(self, batch) -> torch.Tensor:
-        return response_loss(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        """The training loss: mean cross-entropy over every response token of the batch."""
+        return mean_loss(self.token_losses(batch))
+
+    def token_losses(self, batch) -> torch.Tensor:
+        """Float32 cross-entropy of each response token of the batch (`lit_heads.heads.lm_loss`)."""
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        return token_losses(self.model, inputs, batch["labels"], chunk_size=self.hparams.loss_chunk_size)
 
     # ---- training -------------------------------------------------------------------------
     def on_fit_start(self):
@@ -119,6 +131,7 @@ class SFTModule(L.LightningModule):
         # without this dropout would be off and gradient checkpointing (active only in training) idle.
         # Here, not in on_train_start: Lightning checks the modes (and warns) just before that hook.
         self.train()
+        check_chunked_loss(self.model, self.hparams.loss_chunk_size)  # its probe forwards before the first step
         params = list(self.parameters())
         trainable = sum(p.numel() for p in params if p.requires_grad)
         frozen = sum(p.numel() for p in params if not p.requires_grad)
@@ -135,10 +148,10 @@ class SFTModule(L.LightningModule):
 
     # ---- validation and test ----------------------------------------------------------------
     def validation_step(self, batch, batch_idx):
-        self.val_loss.add(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        self.val_loss.add(self.token_losses(batch))
 
     def test_step(self, batch, batch_idx):
-        self.test_loss.add(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        self.test_loss.add(self.token_losses(batch))
 
     def on_validation_epoch_end(self):
         self._log_loss("val", self.val_loss)
@@ -177,7 +190,7 @@ class SFTModule(L.LightningModule):
         for batch in batches:
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with context():
-                metric.add(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+                metric.add(self.token_losses(batch))
         self.train(was_training)
         return float(metric.compute())
 

@@ -7,6 +7,7 @@ machine line and the load average at start and end (honest context for noisy num
 
     python scripts/benchmark.py                                   # every section, default sizes
     python scripts/benchmark.py --sections throughput monitor --steps 8 --rounds 3
+    python scripts/benchmark.py --sections lm_loss --model gemma3-270m    # batch 8 x 512 tokens
 
 Sections (each function's docstring says exactly what it measures):
   throughput  training tokens/s: lit_heads (SFTModule + Lightning Trainer) vs a plain PyTorch loop. Target >= 0.95x.
@@ -16,6 +17,9 @@ Sections (each function's docstring says exactly what it measures):
   monitor     step time with HeadActivationMonitor(free=True) vs without. Target <= 5% more.
   restricted  top-10% heads (HeadRestriction, kv="group") vs full SFT: optimizer-state bytes (target
               ratio <= 0.05), step time (target ratio <= 0.7), peak RSS.
+  lm_loss     the chunked response-token loss vs the plain full-logits one (any --model, e.g. gemma3-270m;
+              --lm_batch 8 --lm_length 512 by default): peak RSS of a training step and of an AP batch
+              (targets <= 0.5x), seconds per step (target <= 1.05x).
 
 Sections that need memory figures run each side in a fresh child process of this script
 (`--_worker NAME`) and read the child's own peak resident set size (VmHWM, the high-water mark of
@@ -125,7 +129,8 @@ def throughput(args) -> dict:
     ones, from the start of the first timed batch to the end of the last optimizer step.
     """
 
-    from lit_heads.module import SFTModule, response_loss
+    from lit_heads.heads.lm_loss import mean_loss, token_losses
+    from lit_heads.module import SFTModule
 
     batches = fixed_batches(args.model, args.warmup + args.steps, args.batch_size, args.max_length)
     loader = _as_loader(batches)
@@ -138,8 +143,9 @@ def throughput(args) -> dict:
         for i, batch in enumerate(loader):
             if i == args.warmup:
                 start = time.perf_counter()
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-            response_loss(logits, batch["labels"]).backward()
+            # The loss SFTModule computes (the chunked path by default): the comparison is of the loops.
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            mean_loss(token_losses(model, inputs, batch["labels"])).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return timed_tokens / (time.perf_counter() - start)
@@ -481,6 +487,102 @@ def w_train_steps(p: dict) -> dict:
 
 
 # ==================================================================================================
+# lm_loss
+
+
+@section
+def lm_loss(args) -> dict:
+    """The chunked response-token loss (lit_heads.heads.lm_loss, `loss_chunk_size`) vs the plain path
+    through the model's full [batch, seq, vocab] logits (`loss_chunk_size: 0`), each measurement in a
+    fresh child process, alternating plain, chunked, plain, chunked, ...
+
+    Batches: `lm_batch` x `lm_length` token ids, seeded random (the loss's cost does not depend on
+    which tokens), every position real (no padding), the first (1 - `lm_labelled`) of each row
+    labelled -100 as a prompt, the rest labelled as a response. The model loads in float32.
+    Training step: a plain PyTorch loop (train mode, loss = mean over the response tokens, backward,
+    AdamW(lr=1e-5, wd=0.01) step, zero_grad), `warmup` untimed steps then `steps` timed ones on the
+    same batch; seconds per step = median of the timed steps. AP batch: `compute_ap` on one batch.
+    Memory: each child's own peak RSS (VmHWM), and the peak minus the RSS after loading the model.
+    Ratios: chunked / plain, median over the rounds (targets: peak RSS <= 0.5 for the training step
+    and for the AP batch, seconds per step <= 1.05).
+    """
+    from lit_heads.heads.lm_loss import DEFAULT_CHUNK_SIZE
+
+    chunk = args.lm_chunk or DEFAULT_CHUNK_SIZE
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 1000, (args.lm_batch, args.lm_length), generator=g)
+    labels = ids.clone()
+    labels[:, : round(args.lm_length * (1 - args.lm_labelled))] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    rows = {"train": ([], []), "ap": ([], [])}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "batch.pt"
+        torch.save(batch, path)
+        for r in range(args.rounds):
+            for kind in rows:
+                for side, size in ((0, 0), (1, chunk)):
+                    payload = {"model": args.model, "batch": str(path), "chunk_size": size, "kind": kind,
+                               "warmup": args.warmup, "steps": args.steps}
+                    rows[kind][side].append(_run_worker("lm_loss_step", payload))
+                plain, chunked = rows[kind][0][-1], rows[kind][1][-1]
+                print(f"  round {r} {kind}: plain {plain['peak_rss_mb']:,.0f} MiB {plain['seconds']:.2f} s, chunked "
+                      f"{chunked['peak_rss_mb']:,.0f} MiB {chunked['seconds']:.2f} s", flush=True)
+
+    def ratio(kind, key):
+        return statistics.median(b[key] / a[key] for a, b in zip(*rows[kind]))
+
+    def median(kind, side, key):
+        return statistics.median(x[key] for x in rows[kind][side])
+
+    train_mem, ap_mem, step = ratio("train", "peak_rss_mb"), ratio("ap", "peak_rss_mb"), ratio("train", "seconds")
+    above = {k: [[x["peak_rss_mb"] - x["rss_after_load_mb"] for x in side] for side in rows[k]] for k in rows}
+    return {
+        "what": (f"{args.model}, batch {args.lm_batch} x {args.lm_length} tokens, {args.lm_labelled:.0%} labelled, "
+                 f"chunk {chunk} positions, float32, {args.steps} timed + {args.warmup} warmup steps x {args.rounds} "
+                 f"rounds, each side in a fresh process"),
+        "rows": [
+            ["lm_loss", "peak RSS MiB, training step (plain | chunked)", median("train", 0, "peak_rss_mb"),
+             median("train", 1, "peak_rss_mb"), train_mem, "<= 0.5", train_mem <= 0.5],
+            ["lm_loss", "peak RSS MiB, AP batch (plain | chunked)", median("ap", 0, "peak_rss_mb"),
+             median("ap", 1, "peak_rss_mb"), ap_mem, "<= 0.5", ap_mem <= 0.5],
+            ["lm_loss", "s/step, training (plain | chunked)", median("train", 0, "seconds"),
+             median("train", 1, "seconds"), step, "<= 1.05", step <= 1.05],
+        ],
+        "chunk_size": chunk,
+        "peak_above_loaded_model_mb": above,
+        "runs": rows,
+    }
+
+
+@worker
+def w_lm_loss_step(p: dict) -> dict:
+    from lit_heads.heads.lm_loss import mean_loss, token_losses
+    from lit_heads.heads.scoring import compute_ap
+    from lit_heads.models import load_model
+
+    model = load_model(p["model"])
+    batch = torch.load(p["batch"])
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    rss = current_rss_mb()
+    if p["kind"] == "ap":
+        start = time.perf_counter()
+        compute_ap(model, [batch], progress=False, loss_chunk_size=p["chunk_size"])
+        return {"seconds": time.perf_counter() - start, "rss_after_load_mb": rss, "peak_rss_mb": peak_rss_mb()}
+    model.train()
+    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5, weight_decay=0.01)
+    times = []
+    for i in range(p["warmup"] + p["steps"]):
+        start = time.perf_counter()
+        mean_loss(token_losses(model, inputs, batch["labels"], chunk_size=p["chunk_size"])).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i >= p["warmup"]:
+            times.append(time.perf_counter() - start)
+    return {"seconds": statistics.median(times), "step_times": times, "rss_after_load_mb": rss,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+# ==================================================================================================
 
 
 def _fmt(x) -> str:
@@ -513,6 +615,10 @@ def main() -> None:
     parser.add_argument("--ap_rounds", type=int, default=2, help="ap: A B rounds, each on its own chunk of samples")
     parser.add_argument("--ap_chunk", type=int, default=4, help="ap: GSM8K samples per round")
     parser.add_argument("--ap_batch", type=int, default=8, help="ap: lit_heads batch size")
+    parser.add_argument("--lm_batch", type=int, default=8, help="lm_loss: samples per batch")
+    parser.add_argument("--lm_length", type=int, default=512, help="lm_loss: tokens per sample")
+    parser.add_argument("--lm_labelled", type=float, default=0.5, help="lm_loss: share of each sample labelled")
+    parser.add_argument("--lm_chunk", type=int, default=0, help="lm_loss: loss_chunk_size (0: the default)")
     parser.add_argument("--output", default="out/benchmark.json")
     parser.add_argument("--_worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--_in", help=argparse.SUPPRESS)

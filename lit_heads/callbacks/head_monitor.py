@@ -14,6 +14,7 @@ from lit_heads.heads import stats
 from lit_heads.heads.history import PatternHistory
 from lit_heads.heads.pattern import Pattern, heatmap
 from lit_heads.heads.scoring import HeadGateCapture, compute_ap, per_sample_scale
+from lit_heads.module import loss_chunk_size
 from lit_heads.run_folder import HEADS, output_dir
 
 
@@ -114,7 +115,8 @@ class HeadActivationMonitor(L.Callback):
     def record(self, trainer, pl_module) -> Pattern:
         step = trainer.global_step
         pattern = compute_ap(unwrap_peft(pl_module.model), self._probe_batches, progress=False,
-                             meta={"step": step, "data": f"probe:{self.probe}"})
+                             meta={"step": step, "data": f"probe:{self.probe}"},
+                             loss_chunk_size=loss_chunk_size(pl_module))
         metrics = self.history.append(step, pattern.scores, top_k=self.top_k)
         free = self._reduce_free(trainer, pattern.scores.shape) if self.free else None
         if trainer.is_global_zero:

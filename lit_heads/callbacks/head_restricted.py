@@ -192,6 +192,7 @@ class HeadRestrictedFinetuning(L.Callback):
             pattern = Pattern.from_npy(path) if path.suffix.lower() == ".npy" else Pattern.load(path)
             return pattern.check_shape(layout.n_layers, layout.n_heads).scores
         from lit_heads.heads.scoring import compute_ap
+        from lit_heads.module import loss_chunk_size
 
         datamodule = trainer.datamodule
         if datamodule is None or not getattr(datamodule, "train_examples", None):
@@ -205,6 +206,7 @@ class HeadRestrictedFinetuning(L.Callback):
         pattern = compute_ap(
             pl_module.model, datamodule.make_dataloader(mine) if mine else [],
             device=trainer.strategy.root_device, progress=trainer.is_global_zero,
+            loss_chunk_size=loss_chunk_size(pl_module),
         )
         return pattern.scores
 

@@ -30,16 +30,15 @@ from collections import defaultdict
 from typing import Any, Iterable, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lit_heads.errors import ConfigError, DataError
 from lit_heads.heads.layout import HeadLayout, eval_mode, find_heads, unwrap_model
+from lit_heads.heads.lm_loss import DEFAULT_CHUNK_SIZE, IGNORE_INDEX, labelled, logits_token_losses, sample_means
+from lit_heads.heads.lm_loss import decoder_of, token_losses
 from lit_heads.heads.pattern import FORMULA_VERSION, Pattern
 
 __all__ = ["HeadGateCapture", "compute_ap", "per_sample_loss", "per_sample_scale"]
-
-IGNORE_INDEX = -100
 
 
 class HeadGateCapture:
@@ -91,7 +90,9 @@ class HeadGateCapture:
             raise RuntimeError("HeadGateCapture is already active")
         for lh in self.layout.layers:
             self._handles.append(lh.o_proj.register_forward_pre_hook(self._make_pre_hook(lh.index)))
-        self._handles.append(self.model.register_forward_pre_hook(self._check_padding, with_kwargs=True))
+        # On the decoder too: the chunked loss (lm_loss) runs the decoder without the model's forward.
+        for module in {self.model, decoder_of(self.model) or self.model}:
+            self._handles.append(module.register_forward_pre_hook(self._check_padding, with_kwargs=True))
         if self.require_input_grad:
             emb = self.model.get_input_embeddings()
             self._handles.append(emb.register_forward_hook(_require_grad_hook))
@@ -186,23 +187,17 @@ def _require_grad_hook(module, args, output):
 
 
 def _response_counts(labels: torch.Tensor) -> torch.Tensor:
-    # HF causal LMs predict token t+1 from position t, so the label at position 0 is never scored.
-    return (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+    return labelled(labels).sum(dim=1)
 
 
 def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Token-averaged cross-entropy of each sample over its response tokens, [B], float32.
+    """Token-averaged cross-entropy of each sample over its response tokens, [B], float32, from full
+    logits (`compute_ap` computes the same from the hidden states, `lit_heads.heads.lm_loss`).
 
     Uses the causal shift of Hugging Face models (logits at t score labels at t+1). A sample with
     no response tokens gives NaN; `compute_ap` rejects such samples up front.
     """
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    # Flattened to [B*T, V]: the [B, V, T] layout (a transpose) takes a CPU kernel that loses about
-    # 1e-3 relative precision on a 49k-token vocabulary; this one matches an fp64 reference to ~1e-5.
-    ce = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                         ignore_index=IGNORE_INDEX, reduction="none").view(shift_labels.shape)
-    return ce.sum(dim=1) / _response_counts(labels).to(ce.dtype)
+    return sample_means(logits_token_losses(logits, labels), labels)
 
 
 def per_sample_scale(labels: torch.Tensor, *, reduction: str = "token_mean", loss_scale: float = 1.0,
@@ -361,7 +356,7 @@ def _distributed():
 
 def compute_ap(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *, layout: HeadLayout | None = None,
                progress: bool = True, device: str | torch.device | None = None,
-               meta: Mapping[str, Any] | None = None) -> Pattern:
+               meta: Mapping[str, Any] | None = None, loss_chunk_size: int | None = DEFAULT_CHUNK_SIZE) -> Pattern:
     """The activation pattern of `model` on `batches` (Eq. 2): AP[l, h] = mean_b |Σ x ⊙ ∂L_b/∂x|.
 
     batches: iterable of dicts with input_ids, attention_mask, labels ([B, T]; labels -100 on prompt
@@ -369,6 +364,8 @@ def compute_ap(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], 
     them from the attention mask (see the module docstring).
     device: run on this device (the model is moved there and back); default: where the model is.
     meta: extra Pattern metadata (e.g. data=..., step=...).
+    loss_chunk_size: labelled positions whose logits exist at once in the per-sample loss
+    (`lit_heads.heads.lm_loss`); 0: the plain path through the model's full logits.
 
     Leaves the model as found: parameters, their `.grad`, `requires_grad` flags, every module's
     train/eval mode and the CPU/CUDA RNG states. Scoring runs in eval mode (no dropout) under
@@ -409,15 +406,15 @@ def compute_ap(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], 
                 inputs = {k: batch[k].to(run_device).clone() for k in _FORWARD_KEYS if batch.get(k) is not None}
                 _positions_for(model, inputs, i)
                 labels = batch["labels"].to(run_device).clone()
-                out = model(**inputs, use_cache=False)
-                loss = per_sample_loss(out.logits, labels).sum()
+                losses = token_losses(model, inputs, labels, chunk_size=loss_chunk_size)
+                loss = sample_means(losses, labels).sum()
                 if len(cap.inputs) == 0:
                     raise RuntimeError("no attention output projection ran during the forward pass")
                 # autograd.grad (not backward) w.r.t. the head outputs only: no parameter .grad is
                 # written, so accumulated training gradients stay untouched.
                 torch.autograd.grad(loss, cap.inputs, allow_unused=True)
                 scores = cap.pop()
-                del out, loss
+                del losses, loss
                 if torch.isnan(scores).any():
                     raise RuntimeError("some layers received no gradient while scoring")
                 total += scores.abs().sum(dim=0).to(torch.float64)
