@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from lit_heads.atomic import atomic_write_text, temp_dir_for
-from lit_heads.errors import ModelError
+from lit_heads.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -280,14 +280,72 @@ def _dequantize_to(gguf: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# The weight dtypes a model can load in, by the names `model.dtype` takes.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+# What each `*-true` Trainer precision computes in: the weights load in it directly.
+_TRUE_PRECISIONS = {"32-true": "float32", "bf16-true": "bfloat16", "16-true": "float16", "64-true": "float64"}
+
+
+def check_dtype_name(name: str | None) -> str | None:
+    """`name` if it is a dtype `load_model` knows (or None: follow the Trainer's precision)."""
+    if name is None or name in DTYPES:
+        return name
+    raise ConfigError(
+        f"Unknown model dtype {name!r}. Use one of {', '.join(DTYPES)} (bfloat16 on GPUs that support it, "
+        "float32 on CPU), or leave model.dtype unset to follow trainer.precision (bf16-true loads bfloat16)."
+    )
+
+
+def weights_dtype(name: str | None, precision: str | None = None,
+                  device: torch.device | str | None = None) -> torch.dtype:
+    """The dtype to load the weights in, checked before any weight is read.
+
+    `name` None follows the Trainer's `precision`: a `*-true` precision loads in its own dtype (never
+    float32 then a cast); any other (32-true, the mixed ones, none) loads float32, the master weights
+    that mixed precision needs. A named dtype must agree with a `*-true` precision, be float32 under a
+    mixed one, and be one that `device` can compute in."""
+    check_dtype_name(name)
+    precision = str(precision) if precision is not None else None
+    follows = _TRUE_PRECISIONS.get(precision) if precision is not None else None
+    if name is None:
+        name = follows or "float32"
+    elif precision is not None and name != (follows or "float32"):
+        needed = follows or "float32"
+        true_one = next((p for p, d in _TRUE_PRECISIONS.items() if d == name), None)
+        fix = f"set trainer.precision to {true_one}" if true_one else "change model.dtype"
+        raise ConfigError(
+            f"model.dtype is {name} but trainer.precision {precision} keeps its weights in {needed}: the model "
+            f"would load in one dtype and train in another. Either {fix}, or set model.dtype to {needed} (or "
+            "leave it unset: it then follows trainer.precision)."
+        )
+    _check_device_runs(name, torch.device(device) if device is not None else None)
+    return DTYPES[name]
+
+
+def _check_device_runs(name: str, device: torch.device | None) -> None:
+    if device is None:
+        return
+    if device.type == "cuda" and name == "bfloat16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        gpu = torch.cuda.get_device_name(device)
+        raise ConfigError(
+            f"model.dtype bfloat16 (or trainer.precision bf16-*) needs a GPU with bfloat16 arithmetic (NVIDIA "
+            f"Ampere or newer), but {gpu} has none. Use float16 (trainer.precision 16-mixed) or float32 on it."
+        )
+    if device.type == "mps" and name == "float64":
+        raise ConfigError("model.dtype float64 cannot run on Apple MPS devices (they have no float64); use float32.")
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     dtype: torch.dtype | str = torch.float32,
     attn_implementation: str | None = None,
 ):
-    """Load a causal LM by name (see `resolve`)."""
+    """Load a causal LM by name (see `resolve`), its weights read directly in `dtype` (a torch dtype or
+    a name of `DTYPES`): no float32 copy is made first."""
     from transformers import AutoModelForCausalLM
 
+    if isinstance(dtype, str):
+        dtype = DTYPES[check_dtype_name(dtype)]
     source = resolve(name)
     local = Path(source.path).is_dir()
     if local:
