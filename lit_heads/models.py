@@ -346,7 +346,7 @@ def load_model(
 
     if isinstance(dtype, str):
         dtype = DTYPES[check_dtype_name(dtype)]
-    source = resolve(name)
+    source = _in_dtype(resolve(name), dtype)
     local = Path(source.path).is_dir()
     if local:
         _check_has_weights(Path(source.path), name)
@@ -361,6 +361,32 @@ def load_model(
     if str(name).endswith(".ckpt"):
         model = _load_checkpoint_weights(model, Path(name).expanduser())
     return model
+
+
+def _in_dtype(source: ModelSource, dtype: torch.dtype) -> ModelSource:
+    """A de-quantized cache (float32) read in another dtype: a copy of it in that dtype, written once
+    next to it. Reading float32 files into bfloat16 weights holds the memory-mapped float32 pages and
+    the bfloat16 copy at once (3x the bfloat16 size); reading the copy maps only what the model keeps."""
+    path = Path(source.path)
+    if dtype == torch.float32 or not path.is_dir() or path.parent != cache_dir():
+        return source
+    name = next(k for k, v in DTYPES.items() if v == dtype)
+    target = path.with_name(f"{path.name}-{name}")
+    if not (target / "config.json").is_file():
+        from transformers import AutoModelForCausalLM
+
+        log.warning("Writing a %s copy of %s once into %s (later %s loads read it directly)", name, path.name, target, name)
+        tmp = temp_dir_for(target)
+        try:
+            AutoModelForCausalLM.from_pretrained(path, dtype=dtype).save_pretrained(tmp)
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                if not (target / "config.json").is_file():  # not a concurrent writer that won the race
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return ModelSource(str(target), source.gguf_file, f"{source.description}, {name} copy {target}")
 
 
 def _check_has_weights(directory: Path, name: str) -> None:

@@ -16,6 +16,8 @@ Sections (each function's docstring says exactly what it measures):
   monitor     step time with HeadActivationMonitor(free=True) vs without. Target <= 5% more.
   restricted  top-10% heads (HeadRestriction, kv="group") vs full SFT: optimizer-state bytes (target
               ratio <= 0.05), step time (target ratio <= 0.7), peak RSS.
+  load_memory peak RSS of a fresh process loading --model, per --load_dtypes dtype: target <= 1.2 x
+              parameters x bytes per parameter above the process baseline.
 
 Sections that need memory figures run each side in a fresh child process of this script
 (`--_worker NAME`) and read the child's own peak resident set size (VmHWM, the high-water mark of
@@ -481,6 +483,66 @@ def w_train_steps(p: dict) -> dict:
 
 
 # ==================================================================================================
+# load memory
+
+
+@section
+def load_memory(args) -> dict:
+    """Peak resident memory of a fresh process that loads `--model` with `load_model(model, dtype)`, for
+    each of `--load_dtypes`, against the target 1.2 x N x bytes per parameter (N: the model's
+    parameters, tied ones once). Each child first imports torch, transformers and the model's class and
+    reads its config (its baseline: the peak RSS, VmHWM, at that point), then loads the weights and reads
+    every one (memory-mapped weights count once touched), and reports its peak RSS above the baseline.
+    One untimed child per dtype first fills the caches (de-quantized GGUF, the per-dtype copy), so the
+    rounds measure a load, not a one-off conversion. Children alternate the dtypes, `--rounds` rounds;
+    the worst round is reported.
+    """
+    from lit_heads.models import DTYPES
+
+    runs: dict[str, list[dict]] = {d: [] for d in args.load_dtypes}
+    for dtype in args.load_dtypes:
+        _run_worker("load", {"model": args.model, "dtype": dtype})
+    for r in range(args.rounds):
+        for dtype in args.load_dtypes:
+            runs[dtype].append(_run_worker("load", {"model": args.model, "dtype": dtype}))
+        print("  round " + str(r) + ": " + ", ".join(f"{d} +{runs[d][-1]['above_baseline_mb']:.0f} MiB" for d in runs),
+              flush=True)
+    rows = []
+    for dtype, children in runs.items():
+        n = children[0]["parameters"]
+        target = 1.2 * n * DTYPES[dtype].itemsize / 2**20
+        worst = max(c["above_baseline_mb"] for c in children)
+        rows.append(["load_memory", f"{dtype}: peak RSS above baseline MiB (1.2 x N x bytes | measured)", target, worst,
+                     worst / target, "<= 1", worst <= target])
+    first = next(iter(runs.values()))[0]
+    return {
+        "what": (f"{args.model}, N = {first['parameters']:,} parameters, load_model in fresh processes, every weight "
+                 f"read; baseline (imports, config) {first['baseline_mb']:.0f} MiB; {args.rounds} rounds"),
+        "rows": rows,
+        "children": runs,
+    }
+
+
+@worker
+def w_load(p: dict) -> dict:
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from lit_heads.models import load_model, resolve
+
+    source = resolve(p["model"])
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(source.path))]  # imports the model's class
+    baseline = peak_rss_mb()
+    model = load_model(p["model"], dtype=p["dtype"])
+    loaded = peak_rss_mb()
+    with torch.no_grad():
+        checksum = sum(float(q.sum(dtype=torch.float32)) for q in model.parameters())  # every page of every weight read
+    return {"parameters": sum(q.numel() for q in model.parameters()), "dtype": str(next(model.parameters()).dtype),
+            "baseline_mb": baseline, "after_load_mb": loaded, "peak_mb": peak_rss_mb(),
+            "above_baseline_mb": peak_rss_mb() - baseline, "checksum": checksum}
+
+
+# ==================================================================================================
 
 
 def _fmt(x) -> str:
@@ -513,6 +575,8 @@ def main() -> None:
     parser.add_argument("--ap_rounds", type=int, default=2, help="ap: A B rounds, each on its own chunk of samples")
     parser.add_argument("--ap_chunk", type=int, default=4, help="ap: GSM8K samples per round")
     parser.add_argument("--ap_batch", type=int, default=8, help="ap: lit_heads batch size")
+    parser.add_argument("--load_dtypes", nargs="+", default=["float32", "bfloat16"],
+                        help="load_memory: the dtypes to load --model in")
     parser.add_argument("--output", default="out/benchmark.json")
     parser.add_argument("--_worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--_in", help=argparse.SUPPRESS)
