@@ -368,7 +368,7 @@ def _in_dtype(source: ModelSource, dtype: torch.dtype) -> ModelSource:
     next to it. Reading float32 files into bfloat16 weights holds the memory-mapped float32 pages and
     the bfloat16 copy at once (3x the bfloat16 size); reading the copy maps only what the model keeps."""
     path = Path(source.path)
-    if dtype == torch.float32 or not path.is_dir() or path.parent != cache_dir():
+    if dtype == torch.float32 or not path.is_dir() or path.resolve().parent != cache_dir().resolve():
         return source
     name = next(k for k, v in DTYPES.items() if v == dtype)
     target = path.with_name(f"{path.name}-{name}")
