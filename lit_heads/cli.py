@@ -71,9 +71,11 @@ class LitHeadsCLI(LightningCLI):
         # Before the logger (first) and the model are built: bad data fails in a second, before a
         # model loads or a W&B run folder appears; the run folder's defaults are filled in.
         from lit_heads.data.datamodule import check_data_sources
+        from lit_heads.launch import check_launch_environment
         from lit_heads.run_folder import fill_run_folder
 
         config = self.config[self.config.subcommand]
+        check_launch_environment(config.trainer)
         check_data_sources(config.data)
         fill_run_folder(config.trainer)
         if self.subcommand == "fit":
