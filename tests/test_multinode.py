@@ -29,6 +29,8 @@ LAUNCH_VARS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "RANK", 
 RECORDS = [{"prompt": f"What is {a} plus {b}? Say it in words, please.", "response": "It is a small number."}
            for a, b in zip(range(3, 19), range(40, 8, -2))]
 
+# data.seed = seed_everything: under DDP Lightning replaces the DataModule's shuffling sampler by its
+# DistributedSampler, which draws the same permutation (randperm of seed + epoch) from the global seed.
 FIT = """
 seed_everything: 7
 model:
@@ -38,7 +40,7 @@ model:
   optimizer:
     class_path: torch.optim.AdamW
     init_args: {{lr: 0.01, weight_decay: 0.1}}
-data: {{train: data.jsonl, train_size: 16, val: data.jsonl, val_size: 4, max_length: 96, batch_size: {batch}, seed: 3}}
+data: {{train: data.jsonl, train_size: 16, val: data.jsonl, val_size: 4, max_length: 96, batch_size: {batch}, seed: 7}}
 trainer:
   accelerator: cpu
   devices: 1
@@ -117,9 +119,10 @@ def test_two_nodes_of_one_device_equal_one_process_on_the_same_global_batch(tmp_
     assert b["history"].steps == a["history"].steps == [0, 1, 2, 3]
     for pa, pb in zip(a["history"].scores, b["history"].scores):
         torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-7)
-    assert [r["step"] for r in b["monitor"]] == [r["step"] for r in a["monitor"]] == [0, 1, 2, 3]
+    assert [r["step"] for r in b["monitor"]] == [r["step"] for r in a["monitor"]]
+    assert {r["step"] for r in a["monitor"] if "heads/gini" in r} == {0, 1, 2, 3}  # + the selection's row at 0
     for ra, rb in zip(a["monitor"], b["monitor"]):
-        assert ra.keys() == rb.keys() and len(ra) > 3
+        assert ra.keys() == rb.keys()
         for key in ra:
             assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), key
     assert a["weights"].keys() == b["weights"].keys()
