@@ -129,27 +129,31 @@ def throughput(args) -> dict:
 
     from lit_heads.module import SFTModule, response_loss
 
+    device = torch.device(args.device)
     batches = fixed_batches(args.model, args.warmup + args.steps, args.batch_size, args.max_length)
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
     loader = _as_loader(batches)
     timed_tokens = _tokens(batches[args.warmup:])
 
     def plain_loop(model) -> float:
-        model.train()
+        model.to(device).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
         start = 0.0
         for i, batch in enumerate(loader):
             if i == args.warmup:
+                _sync()
                 start = time.perf_counter()
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
             response_loss(logits, batch["labels"]).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        _sync()
         return timed_tokens / (time.perf_counter() - start)
 
     clock = _Clock(args.warmup)
 
     def lit_heads_fit(module) -> float:
-        trainer = _trainer(len(batches), [clock])
+        trainer = _trainer(len(batches), [clock], accelerator="gpu" if device.type == "cuda" else "cpu")
         module.optimizer_factory = lambda params: torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
         module.scheduler_factory = None
         trainer.fit(module, train_dataloaders=loader)
@@ -165,7 +169,7 @@ def throughput(args) -> dict:
     ratio = statistics.median(ratios)
     return {
         "what": f"training tokens/s, batch {args.batch_size} x <= {args.max_length} tokens ({timed_tokens} real tokens "
-                f"timed per round), AdamW, fp32, {args.steps} timed + {args.warmup} warmup steps x {args.rounds} rounds",
+                f"timed per round), AdamW, fp32 on {device.type}, {args.steps} timed + {args.warmup} warmup steps x {args.rounds} rounds",
         "rows": [["throughput", "tokens/s (plain PyTorch | lit_heads fit)", statistics.median(plain), statistics.median(lit),
                   ratio, ">= 0.95", ratio >= 0.95]],
         "plain_tokens_per_s": plain,
@@ -190,11 +194,13 @@ class _Clock:
 
             def on_train_batch_start(self, trainer, module, batch, batch_idx):
                 if batch_idx == self.warmup:
+                    _sync()
                     self.start, self.tokens = time.perf_counter(), 0
                 if batch_idx >= self.warmup:
                     self.tokens += int(batch["attention_mask"].sum())
 
             def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+                _sync()
                 self.end = time.perf_counter()
 
             @property
@@ -204,11 +210,17 @@ class _Clock:
         return Clock()
 
 
-def _trainer(max_steps: int, callbacks: list):
+def _sync() -> None:
+    # CUDA runs asynchronously: a clock read without a sync would stop before the GPU has finished.
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def _trainer(max_steps: int, callbacks: list, accelerator: str = "cpu"):
     import lightning as L
 
     return L.Trainer(
-        max_steps=max_steps, max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        max_steps=max_steps, max_epochs=1, accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
         callbacks=callbacks,
     )
@@ -575,6 +587,7 @@ def main() -> None:
     parser.add_argument("--ap_rounds", type=int, default=2, help="ap: A B rounds, each on its own chunk of samples")
     parser.add_argument("--ap_chunk", type=int, default=4, help="ap: GSM8K samples per round")
     parser.add_argument("--ap_batch", type=int, default=8, help="ap: lit_heads batch size")
+    parser.add_argument("--device", default="cpu", help="throughput: cpu, or cuda (scripts/gpu_check.sh)")
     parser.add_argument("--load_dtypes", nargs="+", default=["float32", "bfloat16"],
                         help="load_memory: the dtypes to load --model in")
     parser.add_argument("--output", default="out/benchmark.json")
