@@ -375,7 +375,7 @@ def _in_dtype(source: ModelSource, dtype: torch.dtype) -> ModelSource:
     if not (target / "config.json").is_file():
         from transformers import AutoModelForCausalLM
 
-        log.warning("Writing a %s copy of %s once into %s (later %s loads read it directly)", name, path.name, target, name)
+        log.warning("Writing a %s copy of %s once into %s (later %s loads read it)", name, path.name, target, name)
         tmp = temp_dir_for(target)
         try:
             AutoModelForCausalLM.from_pretrained(path, dtype=dtype).save_pretrained(tmp)

@@ -126,3 +126,18 @@ def test_a_cached_float32_model_loads_in_bfloat16_from_a_bfloat16_copy_written_o
     # A model outside the cache (the user's own directory) is read as it is: no copy beside it.
     load_model(str(tiny_llama_dir), dtype="bfloat16")
     assert not tiny_llama_dir.with_name(f"{tiny_llama_dir.name}-bfloat16").exists()
+
+
+def test_a_resume_may_switch_checkpointing_but_not_the_weights_dtype(tmp_path):
+    from jsonargparse import Namespace
+
+    from lit_heads.resume import Resume
+
+    saved = {"model": "m", "gradient_checkpointing": False, "gradient_checkpointing_reentrant": False, "dtype": None}
+
+    def compare(**now):
+        config = Namespace(model=Namespace(**{**saved, **now}), data=Namespace(), trainer=Namespace(max_steps=1))
+        return Resume(tmp_path / "last.ckpt", {"hyper_parameters": saved}).compare(config).refused
+
+    assert compare(gradient_checkpointing=True, gradient_checkpointing_reentrant=True) == []
+    assert compare(dtype="bfloat16") == ["model.dtype: None in the checkpoint, 'bfloat16' now"]
