@@ -14,8 +14,9 @@
 #                          throughput section, fp32): ratio >= 0.95, the target of the CPU benchmark
 #   time-budget            the whole script took under 480 s
 # Model: $LIT_HEADS_GPU_MODEL (default: the bundled smollm2-135m; install with scripts/install.sh).
-# GPU_CHECK_SMOKE=1 runs every check on the CPU at toy sizes (FSDP checks skipped): a test of this
-# script itself on a machine without a GPU, not a check of anything GPU-related.
+# GPU_CHECK_SMOKE=1 runs every check on the CPU at toy sizes (FSDP checks skipped), with every time
+# limit GPU_CHECK_SCALE (default 10) times longer: a test of this script itself on a machine without
+# a GPU, not a check of anything GPU-related.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -35,7 +36,7 @@ fail() { echo "FAIL $1: $2"; RESULTS+=("FAIL $1"); FAILED=1; }
 skip() { echo "SKIP $1: $2"; RESULTS+=("SKIP $1"); }
 
 if [ "$SMOKE" = 1 ]; then
-    ACCEL=cpu DEVICE=cpu STEPS=2 TRAIN=16 BATCH=2 SCALE=4
+    ACCEL=cpu DEVICE=cpu STEPS=2 TRAIN=16 BATCH=2 SCALE="${GPU_CHECK_SCALE:-10}"
 else
     ACCEL=gpu DEVICE=cuda STEPS=20 TRAIN=256 BATCH=8 SCALE=1
     if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
