@@ -74,10 +74,12 @@ class LitHeadsCLI(LightningCLI):
         # fails in seconds, before a model loads or a W&B run folder appears; the run folder's
         # defaults are filled in.
         from lit_heads.data.datamodule import check_data_sources
+        from lit_heads.launch import check_launch_environment
         from lit_heads.models import check_model
         from lit_heads.run_folder import fill_run_folder
 
         config = self.config[self.config.subcommand]
+        check_launch_environment(config.trainer)
         check_data_sources(config.data)
         check_model(config.model.model, heads=_uses_heads(config.trainer))
         fill_run_folder(config.trainer)

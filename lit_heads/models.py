@@ -28,7 +28,7 @@ import torch
 
 from lit_heads import _internals
 from lit_heads.atomic import atomic_write_text, remove_stale_temps, temp_dir_for
-from lit_heads.errors import ModelError
+from lit_heads.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -424,15 +424,73 @@ def _dequantize_to(gguf: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# The weight dtypes a model can load in, by the names `model.dtype` takes.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+# What each `*-true` Trainer precision computes in: the weights load in it directly.
+_TRUE_PRECISIONS = {"32-true": "float32", "bf16-true": "bfloat16", "16-true": "float16", "64-true": "float64"}
+
+
+def check_dtype_name(name: str | None) -> str | None:
+    """`name` if it is a dtype `load_model` knows (or None: follow the Trainer's precision)."""
+    if name is None or name in DTYPES:
+        return name
+    raise ConfigError(
+        f"Unknown model dtype {name!r}. Use one of {', '.join(DTYPES)} (bfloat16 on GPUs that support it, "
+        "float32 on CPU), or leave model.dtype unset to follow trainer.precision (bf16-true loads bfloat16)."
+    )
+
+
+def weights_dtype(name: str | None, precision: str | None = None,
+                  device: torch.device | str | None = None) -> torch.dtype:
+    """The dtype to load the weights in, checked before any weight is read.
+
+    `name` None follows the Trainer's `precision`: a `*-true` precision loads in its own dtype (never
+    float32 then a cast); any other (32-true, the mixed ones, none) loads float32, the master weights
+    that mixed precision needs. A named dtype must agree with a `*-true` precision, be float32 under a
+    mixed one, and be one that `device` can compute in."""
+    check_dtype_name(name)
+    precision = str(precision) if precision is not None else None
+    follows = _TRUE_PRECISIONS.get(precision) if precision is not None else None
+    if name is None:
+        name = follows or "float32"
+    elif precision is not None and name != (follows or "float32"):
+        needed = follows or "float32"
+        true_one = next((p for p, d in _TRUE_PRECISIONS.items() if d == name), None)
+        fix = f"set trainer.precision to {true_one}" if true_one else "change model.dtype"
+        raise ConfigError(
+            f"model.dtype is {name} but trainer.precision {precision} keeps its weights in {needed}: the model "
+            f"would load in one dtype and train in another. Either {fix}, or set model.dtype to {needed} (or "
+            "leave it unset: it then follows trainer.precision)."
+        )
+    _check_device_runs(name, torch.device(device) if device is not None else None)
+    return DTYPES[name]
+
+
+def _check_device_runs(name: str, device: torch.device | None) -> None:
+    if device is None:
+        return
+    if device.type == "cuda" and name == "bfloat16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        gpu = torch.cuda.get_device_name(device)
+        raise ConfigError(
+            f"model.dtype bfloat16 (or trainer.precision bf16-*) needs a GPU with bfloat16 arithmetic (NVIDIA "
+            f"Ampere or newer), but {gpu} has none. Use float16 (trainer.precision 16-mixed) or float32 on it."
+        )
+    if device.type == "mps" and name == "float64":
+        raise ConfigError("model.dtype float64 cannot run on Apple MPS devices (they have no float64); use float32.")
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     dtype: torch.dtype | str = torch.float32,
     attn_implementation: str | None = None,
 ):
-    """Load a causal LM by name (see `resolve`)."""
+    """Load a causal LM by name (see `resolve`), its weights read directly in `dtype` (a torch dtype or
+    a name of `DTYPES`): no float32 copy is made first."""
     from transformers import AutoModelForCausalLM
 
-    source = resolve(name)
+    if isinstance(dtype, str):
+        dtype = DTYPES[check_dtype_name(dtype)]
+    source = _in_dtype(resolve(name), dtype)
     local = Path(source.path).is_dir()
     if local:
         _check_has_weights(Path(source.path), name)
@@ -447,6 +505,32 @@ def load_model(
     if str(name).endswith(".ckpt"):
         model = _load_checkpoint_weights(model, Path(name).expanduser())
     return model
+
+
+def _in_dtype(source: ModelSource, dtype: torch.dtype) -> ModelSource:
+    """A de-quantized cache (float32) read in another dtype: a copy of it in that dtype, written once
+    next to it. Reading float32 files into bfloat16 weights holds the memory-mapped float32 pages and
+    the bfloat16 copy at once (3x the bfloat16 size); reading the copy maps only what the model keeps."""
+    path = Path(source.path)
+    if dtype == torch.float32 or not path.is_dir() or path.resolve().parent != cache_dir().resolve():
+        return source
+    name = next(k for k, v in DTYPES.items() if v == dtype)
+    target = path.with_name(f"{path.name}-{name}")
+    if not (target / "config.json").is_file():
+        from transformers import AutoModelForCausalLM
+
+        log.warning("Writing a %s copy of %s once into %s (later %s loads read it)", name, path.name, target, name)
+        tmp = temp_dir_for(target)
+        try:
+            AutoModelForCausalLM.from_pretrained(path, dtype=dtype).save_pretrained(tmp)
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                if not (target / "config.json").is_file():  # not a concurrent writer that won the race
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return ModelSource(str(target), source.gguf_file, f"{source.description}, {name} copy {target}")
 
 
 def _check_has_weights(directory: Path, name: str) -> None:

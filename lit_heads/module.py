@@ -23,8 +23,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
 from lit_heads.atomic import atomic_dir
+from lit_heads.errors import ConfigError
 from lit_heads.heads.lm_loss import DEFAULT_CHUNK_SIZE, check_chunked_loss, logits_token_losses, mean_loss, token_losses
-from lit_heads.models import DEFAULT_MODEL, load_model, load_tokenizer
+from lit_heads.models import DEFAULT_MODEL, check_dtype_name, load_model, load_tokenizer, weights_dtype
 from lit_heads.optim import WarmupCosine, default_adamw
 
 
@@ -88,6 +89,8 @@ class SFTModule(L.LightningModule):
         num_generate: int = 16,
         max_new_tokens: int = 48,
         gradient_checkpointing: bool = False,
+        gradient_checkpointing_reentrant: bool = False,
+        dtype: str | None = None,
         loss_chunk_size: int = DEFAULT_CHUNK_SIZE,
     ):
         """
@@ -99,19 +102,56 @@ class SFTModule(L.LightningModule):
             num_generate: validation prompts answered by greedy generation for `val/acc` (0 disables).
             max_new_tokens: generation budget per validation prompt.
             gradient_checkpointing: trade compute for activation memory (active in training only).
+            gradient_checkpointing_reentrant: use torch's reentrant checkpoint (`use_reentrant=True`)
+                instead of the non-reentrant one (the default, and torch's recommendation).
+            dtype: dtype the weights load in: float32, bfloat16, float16 or float64. Unset: follow
+                `trainer.precision` (bf16-true loads bfloat16 directly; 32-true and the mixed precisions
+                load float32). On GPUs, `trainer.precision: bf16-true` (or bf16-mixed) is the usual choice.
             loss_chunk_size: response positions whose logits exist at once in the loss (recomputed in
                 backward); 0: the plain path, the model's full [batch, seq, vocab] logits.
         """
         super().__init__()
+        # Checked here, before anything loads: a bad option fails in a second.
+        check_dtype_name(dtype)
+        if gradient_checkpointing_reentrant and not gradient_checkpointing:
+            raise ConfigError(
+                "model.gradient_checkpointing_reentrant is true but gradient_checkpointing is false, so it would "
+                "do nothing. Set gradient_checkpointing: true as well, or drop gradient_checkpointing_reentrant."
+            )
         self.save_hyperparameters()
-        self.model = load_model(model, attn_implementation=attn_implementation)
         self.tokenizer = load_tokenizer(model)
-        if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.val_loss = ResponseLoss()
         self.test_loss = ResponseLoss()
+
+    # ---- the model: loaded in Lightning's configure_model hook ---------------------------------
+    @property
+    def model(self) -> torch.nn.Module:
+        """The Hugging Face model. A Trainer loads it in `configure_model` (in the strategy's device and
+        precision contexts); code that needs it earlier (a callback's `setup`, scripts using the module
+        without a Trainer) loads it on first access, the same way."""
+        loaded = self._modules.get("model")
+        if loaded is None:
+            self.configure_model()
+            loaded = self._modules["model"]
+        return loaded
+
+    def configure_model(self) -> None:
+        if self._modules.get("model") is not None:  # Lightning may call it again (fit then test)
+            return
+        trainer = self._trainer
+        dtype = weights_dtype(
+            self.hparams.dtype,
+            precision=trainer.precision if trainer is not None else None,
+            device=trainer.strategy.root_device if trainer is not None else None,
+        )
+        model = load_model(self.hparams.model, dtype=dtype, attn_implementation=self.hparams.attn_implementation)
+        if self.hparams.gradient_checkpointing:
+            model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": self.hparams.gradient_checkpointing_reentrant}
+            )
+        self.model = model  # nn.Module.__setattr__ registers it in _modules (the property only reads)
 
     def forward(self, input_ids, attention_mask=None):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits

@@ -14,7 +14,7 @@ change is refused, naming each difference:
   of any callback with a `resume_differences` method).
 
 What may change: validation and generation settings (`num_generate`, `max_new_tokens`),
-`attn_implementation`, `gradient_checkpointing`, `data.num_workers`, and the trainer's length
+`attn_implementation`, `gradient_checkpointing` (and its `_reentrant` choice), `data.num_workers`, and the trainer's length
 (`max_steps`): with more steps the learning-rate schedule is re-derived for the new total from the
 resume step on (see `lit_heads.checkpoint_io.CheckpointSafety`), which this module announces.
 """
@@ -33,7 +33,8 @@ LAST, LAST_OR_NEW = "last", "last_or_new"
 # Lightning's other special values, passed on as they are.
 _LIGHTNING_SPECIAL = {"best", "hpc"}
 
-MODEL_MAY_CHANGE = {"num_generate", "max_new_tokens", "attn_implementation", "gradient_checkpointing"}
+MODEL_MAY_CHANGE = {"num_generate", "max_new_tokens", "attn_implementation", "gradient_checkpointing",
+                    "gradient_checkpointing_reentrant"}
 DATA_MAY_CHANGE = {"num_workers", "test"}
 
 

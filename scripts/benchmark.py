@@ -20,6 +20,8 @@ Sections (each function's docstring says exactly what it measures):
   lm_loss     the chunked response-token loss vs the plain full-logits one (any --model, e.g. gemma3-270m;
               --lm_batch 8 --lm_length 512 by default): peak RSS of a training step and of an AP batch
               (targets <= 0.5x), seconds per step (target <= 1.05x).
+  load_memory peak RSS of a fresh process loading --model, per --load_dtypes dtype: target <= 1.2 x
+              parameters x bytes per parameter above the process baseline.
 
 Sections that need memory figures run each side in a fresh child process of this script
 (`--_worker NAME`) and read the child's own peak resident set size (VmHWM, the high-water mark of
@@ -132,28 +134,32 @@ def throughput(args) -> dict:
     from lit_heads.heads.lm_loss import mean_loss, token_losses
     from lit_heads.module import SFTModule
 
+    device = torch.device(args.device)
     batches = fixed_batches(args.model, args.warmup + args.steps, args.batch_size, args.max_length)
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
     loader = _as_loader(batches)
     timed_tokens = _tokens(batches[args.warmup:])
 
     def plain_loop(model) -> float:
-        model.train()
+        model.to(device).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
         start = 0.0
         for i, batch in enumerate(loader):
             if i == args.warmup:
+                _sync()
                 start = time.perf_counter()
             # The loss SFTModule computes (the chunked path by default): the comparison is of the loops.
             inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
             mean_loss(token_losses(model, inputs, batch["labels"])).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        _sync()
         return timed_tokens / (time.perf_counter() - start)
 
     clock = _Clock(args.warmup)
 
     def lit_heads_fit(module) -> float:
-        trainer = _trainer(len(batches), [clock])
+        trainer = _trainer(len(batches), [clock], accelerator="gpu" if device.type == "cuda" else "cpu")
         module.optimizer_factory = lambda params: torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
         module.scheduler_factory = None
         trainer.fit(module, train_dataloaders=loader)
@@ -169,7 +175,7 @@ def throughput(args) -> dict:
     ratio = statistics.median(ratios)
     return {
         "what": f"training tokens/s, batch {args.batch_size} x <= {args.max_length} tokens ({timed_tokens} real tokens "
-                f"timed per round), AdamW, fp32, {args.steps} timed + {args.warmup} warmup steps x {args.rounds} rounds",
+                f"timed per round), AdamW, fp32 on {device.type}, {args.steps} timed + {args.warmup} warmup steps x {args.rounds} rounds",
         "rows": [["throughput", "tokens/s (plain PyTorch | lit_heads fit)", statistics.median(plain), statistics.median(lit),
                   ratio, ">= 0.95", ratio >= 0.95]],
         "plain_tokens_per_s": plain,
@@ -194,11 +200,13 @@ class _Clock:
 
             def on_train_batch_start(self, trainer, module, batch, batch_idx):
                 if batch_idx == self.warmup:
+                    _sync()
                     self.start, self.tokens = time.perf_counter(), 0
                 if batch_idx >= self.warmup:
                     self.tokens += int(batch["attention_mask"].sum())
 
             def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+                _sync()
                 self.end = time.perf_counter()
 
             @property
@@ -208,11 +216,17 @@ class _Clock:
         return Clock()
 
 
-def _trainer(max_steps: int, callbacks: list):
+def _sync() -> None:
+    # CUDA runs asynchronously: a clock read without a sync would stop before the GPU has finished.
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def _trainer(max_steps: int, callbacks: list, accelerator: str = "cpu"):
     import lightning as L
 
     return L.Trainer(
-        max_steps=max_steps, max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        max_steps=max_steps, max_epochs=1, accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
         callbacks=callbacks,
     )
@@ -554,6 +568,47 @@ def lm_loss(args) -> dict:
     }
 
 
+# ==================================================================================================
+# load memory
+
+
+@section
+def load_memory(args) -> dict:
+    """Peak resident memory of a fresh process that loads `--model` with `load_model(model, dtype)`, for
+    each of `--load_dtypes`, against the target 1.2 x N x bytes per parameter (N: the model's
+    parameters, tied ones once). Each child first imports torch, transformers and the model's class and
+    reads its config (its baseline: the peak RSS, VmHWM, at that point), then loads the weights and reads
+    every one (memory-mapped weights count once touched), and reports its peak RSS above the baseline.
+    One untimed child per dtype first fills the caches (de-quantized GGUF, the per-dtype copy), so the
+    rounds measure a load, not a one-off conversion. Children alternate the dtypes, `--rounds` rounds;
+    the worst round is reported.
+    """
+    from lit_heads.models import DTYPES
+
+    runs: dict[str, list[dict]] = {d: [] for d in args.load_dtypes}
+    for dtype in args.load_dtypes:
+        _run_worker("load", {"model": args.model, "dtype": dtype})
+    for r in range(args.rounds):
+        for dtype in args.load_dtypes:
+            runs[dtype].append(_run_worker("load", {"model": args.model, "dtype": dtype}))
+        print("  round " + str(r) + ": " + ", ".join(f"{d} +{runs[d][-1]['above_baseline_mb']:.0f} MiB" for d in runs),
+              flush=True)
+    rows = []
+    for dtype, children in runs.items():
+        n = children[0]["parameters"]
+        target = 1.2 * n * DTYPES[dtype].itemsize / 2**20
+        worst = max(c["above_baseline_mb"] for c in children)
+        rows.append(["load_memory", f"{dtype}: peak RSS above baseline MiB (1.2 x N x bytes | measured)", target, worst,
+                     worst / target, "<= 1", worst <= target])
+    first = next(iter(runs.values()))[0]
+    return {
+        "what": (f"{args.model}, N = {first['parameters']:,} parameters, load_model in fresh processes, every weight "
+                 f"read; baseline (imports, config) {first['baseline_mb']:.0f} MiB; {args.rounds} rounds"),
+        "rows": rows,
+        "children": runs,
+    }
+
+
 @worker
 def w_lm_loss_step(p: dict) -> dict:
     from lit_heads.heads.lm_loss import mean_loss, token_losses
@@ -580,6 +635,25 @@ def w_lm_loss_step(p: dict) -> dict:
             times.append(time.perf_counter() - start)
     return {"seconds": statistics.median(times), "step_times": times, "rss_after_load_mb": rss,
             "peak_rss_mb": peak_rss_mb()}
+
+
+@worker
+def w_load(p: dict) -> dict:
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from lit_heads.models import load_model, resolve
+
+    source = resolve(p["model"])
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(source.path))]  # imports the model's class
+    baseline = peak_rss_mb()
+    model = load_model(p["model"], dtype=p["dtype"])
+    loaded = peak_rss_mb()
+    with torch.no_grad():
+        checksum = sum(float(q.sum(dtype=torch.float32)) for q in model.parameters())  # every page of every weight read
+    return {"parameters": sum(q.numel() for q in model.parameters()), "dtype": str(next(model.parameters()).dtype),
+            "baseline_mb": baseline, "after_load_mb": loaded, "peak_mb": peak_rss_mb(),
+            "above_baseline_mb": peak_rss_mb() - baseline, "checksum": checksum}
 
 
 # ==================================================================================================
@@ -619,6 +693,9 @@ def main() -> None:
     parser.add_argument("--lm_length", type=int, default=512, help="lm_loss: tokens per sample")
     parser.add_argument("--lm_labelled", type=float, default=0.5, help="lm_loss: share of each sample labelled")
     parser.add_argument("--lm_chunk", type=int, default=0, help="lm_loss: loss_chunk_size (0: the default)")
+    parser.add_argument("--device", default="cpu", help="throughput: cpu, or cuda (scripts/gpu_check.sh)")
+    parser.add_argument("--load_dtypes", nargs="+", default=["float32", "bfloat16"],
+                        help="load_memory: the dtypes to load --model in")
     parser.add_argument("--output", default="out/benchmark.json")
     parser.add_argument("--_worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--_in", help=argparse.SUPPRESS)

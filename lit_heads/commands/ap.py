@@ -52,7 +52,7 @@ def ap(
     from lit_heads.heads import stats
     from lit_heads.heads.pattern import heatmap
     from lit_heads.heads.scoring import compute_ap
-    from lit_heads.models import check_model, load_model
+    from lit_heads.models import check_model, load_model, weights_dtype
 
     # Every check that can fail comes before the expensive work (de-quantizing, loading, scoring), and
     # the output folder is made only when there is something to write into it.
@@ -66,9 +66,8 @@ def ap(
     run_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
 
     started = time.perf_counter()
-    net = load_model(model, attn_implementation=attn_implementation)
-    if precision == "bf16-true":
-        net = net.to(torch.bfloat16)
+    # bf16-true reads the weights in bfloat16 directly (weights_dtype also refuses a GPU without it).
+    net = load_model(model, dtype=weights_dtype(None, precision, run_device), attn_implementation=attn_implementation)
     datamodule = SFTDataModule(tokenizer=model, batch_size=batch_size, max_length=max_length, format=format, seed=seed)
     loader = datamodule.make_dataloader(examples)
     autocast = PRECISIONS[precision] if precision.endswith("mixed") else None
