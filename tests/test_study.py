@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from lit_heads.analysis.study import (
-    ARMS, PAPER, StudyConfig, change_over_steps, composition, plan_budget, resolve_device, similarity, specificity,
-    trainer_device,
+    ARMS, MIX_ARMS, PAPER, StudyConfig, change_over_steps, composition, plan_budget, resolve_device, similarity,
+    specificity, trainer_device,
 )
 from lit_heads.errors import ConfigError, DataError
 from lit_heads.heads import stats
@@ -43,7 +43,7 @@ def test_similarity_diagonal_is_within_task_and_separates_distinct_tasks():
 def test_composition_recovers_exact_alpha_and_control_fits_worse():
     rng = torch.Generator().manual_seed(1)
     a, c, s = (torch.rand(8, 6, generator=rng) for _ in range(3))
-    deltas = {"arithmetic": {"full": a}, "code": {"full": c}, "string": {"full": s}}
+    deltas = {n: {"full": x, "a": x, "b": x} for n, x in (("arithmetic", a), ("code", c), ("string", s))}
     target = {"full": 0.6 * a + 0.4 * c, "a": 0.6 * a + 0.4 * c, "b": 0.6 * a + 0.4 * c + 0.01}
     out = composition(target, deltas, ["arithmetic", "code"], ["string"])
     for method in ("lstsq", "nnls"):
@@ -55,6 +55,87 @@ def test_composition_recovers_exact_alpha_and_control_fits_worse():
     assert out["all_basic"]["nnls"]["alpha"]["string"] == pytest.approx(0.0, abs=1e-5)
     assert np.asarray(out["residual"]).shape == (8, 6)
     assert 0.9 < out["noise_ceiling_r2"] <= 1.0
+
+
+def _lstsq_r2(y, columns):
+    """R² of a no-intercept least-squares fit, computed here from scratch (1 - SS_res / SS_tot)."""
+    y = np.asarray(y, dtype=float).ravel()
+    x = np.stack([np.asarray(c, dtype=float).ravel() for c in columns], axis=1)
+    w = np.linalg.lstsq(x, y, rcond=None)[0]
+    return 1 - np.sum((y - x @ w) ** 2) / np.sum((y - y.mean()) ** 2)
+
+
+def test_cross_half_r2_and_noise_ceiling_against_a_direct_computation():
+    from lit_heads.analysis.study import cross_half_r2
+
+    rng = torch.Generator().manual_seed(3)
+    a, c, s = (torch.rand(6, 5, generator=rng) for _ in range(3))
+    deltas = {n: _halves(x, 0.05, rng) for n, x in (("arithmetic", a), ("code", c), ("string", s))}
+    for d in deltas.values():
+        d["full"] = (d["a"] + d["b"]) / 2
+    target = _halves(0.7 * a + 0.3 * c, 0.05, rng)
+    target["full"] = (target["a"] + target["b"]) / 2
+    expected = 0.5 * (_lstsq_r2(target["a"], [deltas["arithmetic"]["b"], deltas["code"]["b"]])
+                      + _lstsq_r2(target["b"], [deltas["arithmetic"]["a"], deltas["code"]["a"]]))
+    assert cross_half_r2(target, {k: deltas[k] for k in ("arithmetic", "code")}) == pytest.approx(expected)
+    out = composition(target, deltas, ["arithmetic", "code"], ["string"])
+    assert out["main"]["cross_half_r2"] == pytest.approx(expected)
+    ceiling = 0.5 * (_lstsq_r2(target["a"], [target["b"]]) + _lstsq_r2(target["b"], [target["a"]]))
+    assert out["noise_ceiling_r2"] == pytest.approx(ceiling)
+    assert out["main"]["lstsq"]["r2"] == pytest.approx(_lstsq_r2(target["full"], [deltas["arithmetic"]["full"], deltas["code"]["full"]]))
+    # A control made of noise only cannot cross the halves: its R² stays far below the true composition's.
+    assert out["controls"]["string alone"]["cross_half_r2"] < out["main"]["cross_half_r2"] - 0.3
+
+
+def _task(name, kind, n):
+    from lit_heads.analysis.study import Task
+    from lit_heads.data import Example
+
+    return Task(name, kind, [], [Example(f"{name} q{i}", "r", "1", name) for i in range(n)])
+
+
+def test_probe_modes_choose_the_documented_samples():
+    from lit_heads.analysis.study import probe
+
+    tasks = {"b1": _task("b1", "basic", 10), "b2": _task("b2", "basic", 10), "c": _task("c", "complex", 10)}
+    assert probe(tasks, "b1", 4) == tasks["b1"].heldout[:4] == probe(tasks, "b1", 4, "own", "c")
+    assert probe(tasks, "b1", 4, "complex", "c") == tasks["c"].heldout[:4] == probe(tasks, "b2", 4, "complex", "c")
+    mixed = probe(tasks, "b1", 12, "mix", "c")
+    assert mixed == probe(tasks, "c", 12, "mix", "c")  # one shared probe, whichever model asks
+    assert [e.task for e in mixed] == ["b1", "b1", "b2", "b2", "c", "c"] * 2
+    assert {e.prompt for e in mixed} == {f"{t} q{i}" for t in tasks for i in range(4)}
+    for half in (mixed[0::2], mixed[1::2]):  # the halves StudyRunner.halves takes hold every task equally
+        assert sorted(e.task for e in half) == ["b1", "b1", "b2", "b2", "c", "c"]
+    with pytest.raises(ConfigError, match=r"needs an even number >= 2 per task.*multiple of 6"):
+        probe(tasks, "b1", 9, "mix", "c")
+    with pytest.raises(ConfigError, match=r"Unknown probe mode 'shared'"):
+        probe(tasks, "b1", 4, "shared", "c")
+
+
+def test_summary_gives_the_student_t_interval_and_paired_differences():
+    from lit_heads.analysis.study import paired, summary
+
+    s = summary([0.1, 0.2, 0.3, 0.4, 0.5], ci=0.95)
+    std = math.sqrt(0.025)  # sample variance of 0.1..0.5 is 0.025
+    assert s["mean"] == pytest.approx(0.3) and s["std"] == pytest.approx(std) and s["n"] == 5
+    assert s["half_width"] == pytest.approx(2.7764451 * std / math.sqrt(5))  # t_{0.975, 4} from a table
+    assert (s["low"], s["high"]) == pytest.approx((0.3 - s["half_width"], 0.3 + s["half_width"]))
+    assert summary([0.5, 0.7], ci=0.9)["half_width"] == pytest.approx(6.3137515 * math.sqrt(0.02) / math.sqrt(2))
+    assert "half_width" not in summary([0.5])
+    d = paired([0.5, 0.6, 0.9], [0.4, 0.6, 0.6], ci=0.95)
+    assert d["values"] == pytest.approx([0.1, 0.0, 0.3]) and d["mean"] == pytest.approx(0.4 / 3)
+    assert d["half_width"] == pytest.approx(4.3026527 * np.std([0.1, 0.0, 0.3], ddof=1) / math.sqrt(3))
+
+
+def test_mix_weights_per_arm():
+    from lit_heads.analysis.study import mix_weights
+
+    alpha, sizes = {"multistep": 0.6, "code": 0.3, "string": 0.0}, {"multistep": 400, "code": 100, "string": 500}
+    assert mix_weights("ap_mix", alpha, sizes, 0) == alpha
+    assert mix_weights("size_mix", alpha, sizes, 0) == {"multistep": 400.0, "code": 100.0, "string": 500.0}
+    r0, r1 = mix_weights("random_mix", alpha, sizes, 0), mix_weights("random_mix", alpha, sizes, 1)
+    assert set(r0) == set(sizes) and sum(r0.values()) == pytest.approx(1.0) and min(r0.values()) > 0
+    assert r0 == mix_weights("random_mix", alpha, sizes, 0) and r0 != r1  # seeded, and a new draw per seed
 
 
 def test_change_over_steps_ends_at_zero_distance():
@@ -74,14 +155,52 @@ def test_config_validation_names_the_problem():
     with pytest.raises(ConfigError, match="lacks"):
         StudyConfig(basic_tasks=["arithmetic", "string"]).validate()
     with pytest.raises(ConfigError, match="two disjoint halves"):
-        StudyConfig(ap_samples=1).validate()
+        StudyConfig(ap_samples=1, probes=["own"]).validate()
     with pytest.raises(ConfigError, match="seeds is empty"):
         StudyConfig(seeds=[]).validate()
+    with pytest.raises(ConfigError, match=r"seeds \[0, 1, 0\] repeats a seed"):
+        StudyConfig(seeds=[0, 1, 0]).validate()
+    with pytest.raises(ConfigError, match=r"ci=0.95 asks for a confidence interval over seeds, but seeds=\[3\] has 1; "
+                                          r"a t-interval needs at least 2 seeds .* or set ci: null"):
+        StudyConfig(seeds=[3]).validate()
+    StudyConfig(seeds=[3], ci=None).validate()  # one seed is fine when no interval is asked for
+    with pytest.raises(ConfigError, match="between 0 and 1"):
+        StudyConfig(ci=95).validate()
+    with pytest.raises(ConfigError, match=r"unknown probe mode\(s\) \['shared'\]; give one or more distinct modes of "
+                                          r"\['own', 'complex', 'mix'\]"):
+        StudyConfig(probes=["own", "shared"]).validate()
+    with pytest.raises(ConfigError, match="distinct modes"):
+        StudyConfig(probes=[]).validate()
+    with pytest.raises(ConfigError, match=r"probe mode 'mix'.*multiple of 8"):
+        StudyConfig(ap_samples=12).validate()
+    with pytest.raises(ConfigError, match=r"must name exactly the basic tasks .*missing: \['string'\]"):
+        StudyConfig(basic_train_sizes={"arithmetic": 10, "code": 10}).validate()
+    with pytest.raises(ConfigError, match="model is an empty list"):
+        StudyConfig(model=[]).validate()
+    with pytest.raises(ConfigError, match="run folders .* collide"):
+        StudyConfig(model=["smollm2-135m", "smollm2-135m"]).validate()
     with pytest.raises(DataError, match="real_data: on"):
         StudyConfig(real_data="on", shared_data="/nonexistent").use_real()
     cfg = StudyConfig().validate()
     assert cfg.components == ["arithmetic", "code"] and cfg.controls == ["string"]
     assert cfg.n_mix == cfg.mix_steps * cfg.batch_size
+    assert cfg.models == ["smollm2-135m"] and cfg.main_probe == "own"
+    assert StudyConfig(basic_train_sizes=50).train_sizes() == {"arithmetic": 50, "code": 50, "string": 50}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--probes", "[own, shared]"], "unknown probe mode(s) ['shared']"),
+    (["--seeds", "[0]"], "a t-interval needs at least 2 seeds"),
+])
+def test_bad_study_input_exits_2_before_anything_is_written(tmp_path, capsys, args, message):
+    from lit_heads.cli import main as cli_main
+
+    out = tmp_path / "study"
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["study", "--model", str(tmp_path / "no-such-model"), "--output", str(out), *args])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
 
 
 def _no_cuda(monkeypatch):
@@ -143,15 +262,24 @@ def _check_outputs(out: Path, cfg: dict) -> dict:
         assert set(f2["main"][method]["alpha"]) == set(StudyConfig(**cfg).components)
         assert -math.inf < f2["main"][method]["r2"] <= 1.0 + 1e-9
     assert min(f2["main"]["nnls"]["alpha"].values()) >= 0
-    assert set(results["application"]["alpha"]) == set(cfg["basic_tasks"])
-    acc = results["application"]["accuracy"]
+    probes = cfg.get("probes", ["own", "complex", "mix"])
+    assert f2["probe"] == probes[0] and list(results["probes"]) == probes
+    for fits in results["probes"].values():
+        assert -math.inf < fits["main"]["cross_half_r2"] <= 1.0 and -math.inf < fits["noise_ceiling_r2"] <= 1.0
+        assert len(fits["controls"]) == 3  # the control swapped for each of the 2 components, and alone
+    app = results["application"]
+    assert set(app["alpha"]) == set(cfg["basic_tasks"])
+    acc = app["accuracy"]
     assert set(acc) == set(ARMS)
     assert all(0.0 <= v <= 1.0 for arm in acc.values() for v in arm["values"])
     assert all(len(acc[a]["values"]) == len(cfg["seeds"]) for a in ARMS[1:])
-    counts = results["application"]["ap_mix_counts"]
-    assert sum(counts.values()) == results["application"]["n_mix"]
-    mix_lines = (out / "mix" / "ap_mix.jsonl").read_text().splitlines()
-    assert len(mix_lines) == results["application"]["n_mix"]
+    for arm in MIX_ARMS:
+        assert len(app["mix_counts"][arm]) == len(cfg["seeds"])
+        assert all(sum(c.values()) == app["n_mix"] for c in app["mix_counts"][arm])
+        assert len((out / "mix" / f"{arm}.jsonl").read_text().splitlines()) == app["n_mix"]
+    assert app["steps"]["complex_only"] == app["steps"]["mix"] + app["steps"]["complex"]
+    diff = app["paired"]["ap_mix - random_mix"]
+    assert diff["values"] == pytest.approx([a - r for a, r in zip(acc["ap_mix"]["values"], acc["random_mix"]["values"])])
     f1 = results["finding1"]
     n_tasks = len(cfg["basic_tasks"]) + 1
     assert np.asarray(f1["similarity"]["delta_corr"]["matrix"]).shape == (n_tasks, n_tasks)
@@ -167,14 +295,17 @@ def _check_outputs(out: Path, cfg: dict) -> dict:
     for paper_number in ("0.97", "0.95", "0.50 → 0.33", "28.68", "36.82", "52.33"):
         assert paper_number in report
     assert "Where ours differ" in report
+    assert "Noise ceiling**, defined" in report and "Which probe the paper's description matches" in report
+    assert "size-weighted mix → complex" in report and "AP-guided − random mix → complex" in report
     assert PAPER["application_math_benchmark"]["Llama3-8B"] == [46.12, 49.22, 50.10, 52.33]
     return results
 
 
-TINY = dict(basic_tasks=["arithmetic", "code", "string"], complex_task="math_code", real_data="off", max_length=128,
-            batch_size=2, warmup_steps=1, ap_samples=4, ap_batch_size=4, sft_steps=2, top_k=4, track_every=1,
+TINY = dict(basic_tasks=["multistep", "code", "string"], complex_task="multistep_code", real_data="off", max_length=160,
+            batch_size=2, warmup_steps=1, ap_samples=8, ap_batch_size=4, sft_steps=2, top_k=4, track_every=1,
             track_samples=2, restricted_top_k=2, restricted_random=True, eval_samples=2, max_new_tokens=4,
-            complex_train_size=4, mix_steps=1, complex_steps=1, seeds=[0, 1], progress_bar=False)
+            complex_train_size=4, mix_steps=1, complex_steps=1, basic_train_sizes={"multistep": 40, "code": 20, "string": 10},
+            seeds=[0, 1], progress_bar=False)
 
 
 def test_runner_restarts_every_arm_from_the_base_weights(tiny_llama_dir):

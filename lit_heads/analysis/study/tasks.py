@@ -7,9 +7,9 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from lit_heads.analysis.study.config import StudyConfig
+from lit_heads.analysis.study.config import PROBES, StudyConfig, mix_probe_share
 from lit_heads.data.records import Example
-from lit_heads.errors import DataError
+from lit_heads.errors import ConfigError, DataError
 
 REAL_COMPONENTS = ("gsm8k", "humaneval")
 
@@ -22,11 +22,27 @@ class Task:
     heldout: list[Example]
 
 
-def probe(tasks: dict[str, Task], name: str, n: int) -> list[Example]:
+def probe(tasks: dict[str, Task], name: str, n: int, mode: str = "own", complex_task: str | None = None) -> list[Example]:
     """The samples on which the pattern of a model trained on task `name` (or of the base model, for that
-    task) is measured: the first n of the task's own held-out part. Every pattern measurement asks here,
-    so measuring on another probe set is a change of this function alone."""
-    return tasks[name].heldout[:n]
+    task) is measured. Every pattern measurement asks here.
+
+        own      (a) the first n of the task's own held-out part (the pattern *of the task*)
+        complex  (b) the first n of the complex task's held-out part, whatever `name` is (one shared probe)
+        mix      (c) a fixed mix of all tasks' held-out parts, n // len(tasks) from each, whatever `name` is
+
+    The mix is laid out in pairs (two of task 1, two of task 2, ...), so its two halves (even and odd
+    positions, see `StudyRunner.halves`) hold the same tasks in the same numbers."""
+    if mode == "own":
+        return tasks[name].heldout[:n]
+    if mode == "complex":
+        if complex_task is None:
+            raise ConfigError("probe mode 'complex' needs the complex task's name.")
+        return tasks[complex_task].heldout[:n]
+    if mode == "mix":
+        per_task = mix_probe_share(n, len(tasks))
+        columns = [tasks[t].heldout[:per_task] for t in tasks]
+        return [e for i in range(0, per_task, 2) for column in columns for e in column[i : i + 2]]
+    raise ConfigError(f"Unknown probe mode {mode!r}; use one of {list(PROBES)}.")
 
 
 def generated_tasks(cfg: StudyConfig) -> dict[str, Task]:
@@ -35,10 +51,12 @@ def generated_tasks(cfg: StudyConfig) -> dict[str, Task]:
     from lit_heads.data import generate_task, get_task
 
     n_heldout = max(cfg.ap_samples, cfg.eval_samples, cfg.track_samples)
-    n_train = max(cfg.sft_steps * cfg.batch_size, cfg.n_mix, cfg.complex_train_size)
+    sft = cfg.sft_steps * cfg.batch_size
+    n_train = {**{t: max(sft, size) for t, size in cfg.train_sizes().items()},
+               cfg.complex_task: max(sft, cfg.complex_train_size)}
     tasks = {}
     for name in [*cfg.basic_tasks, cfg.complex_task]:
-        examples = generate_task(name, n_heldout + n_train, cfg.seed)
+        examples = generate_task(name, n_heldout + n_train[name], cfg.seed)
         tasks[name] = Task(name, get_task(name).kind, examples[n_heldout:], examples[:n_heldout])
     return tasks
 
