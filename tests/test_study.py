@@ -249,10 +249,42 @@ def test_budget_grows_with_the_work_and_profiles_fit_their_limits():
     default = StudyConfig(**yaml.safe_load((ROOT / "configs" / "study.yaml").read_text())).validate()
     quick = StudyConfig(**yaml.safe_load((ROOT / "configs" / "study_quick.yaml").read_text())).validate()
     assert plan_budget(default, real=True)["eta_s"] <= 60 * 60
-    assert plan_budget(quick, real=False)["eta_s"] <= 4 * 60
-    more = StudyConfig(**{**default.__dict__, "seeds": [0, 1, 2, 3]})
-    assert plan_budget(more, True)["sft_steps"] == plan_budget(default, True)["sft_steps"] + 3 * (default.mix_steps + default.complex_steps)
+    assert plan_budget(quick, real=False)["eta_s"] <= 3 * 60
+    more = StudyConfig(**{**default.__dict__, "seeds": [*default.seeds, 99]})
+    per_seed = (len(ARMS) - 1) * (default.mix_steps + default.complex_steps)  # every trained arm, one more seed
+    assert plan_budget(more, True)["sft_steps"] == plan_budget(default, True)["sft_steps"] + per_seed
+    assert plan_budget(more, True)["generated_answers"] == plan_budget(default, True)["generated_answers"] + (len(ARMS) - 1) * default.eval_samples
     assert plan_budget(default, True)["eta_s"] > plan_budget(default, False)["eta_s"]
+    budget = plan_budget(default, True)
+    assert sum(budget["stages"].values()) == budget["eta_s"] and set(budget["stages"]) >= {"finding1", "application", "real"}
+
+
+def test_probe_modes_cost_what_they_score():
+    from lit_heads.analysis.study.budget import distinct_probes
+
+    # 4 tasks: the base model scores each own probe and the mix once ('complex' is the complex task's own
+    # probe); each fine-tuned model scores its own, the complex one (unless it is its own) and the mix.
+    assert distinct_probes(StudyConfig(probes=["own", "complex", "mix"])) == (5, 4 + 3 + 4)
+    assert distinct_probes(StudyConfig(probes=["own"])) == (4, 4)
+    assert distinct_probes(StudyConfig(probes=["complex", "mix"])) == (2, 8)
+    one = plan_budget(StudyConfig(probes=["own"]), False)["ap_samples"]
+    three = plan_budget(StudyConfig(probes=["own", "complex", "mix"]), False)["ap_samples"]
+    assert three - one == (1 + 7) * StudyConfig().ap_samples
+
+
+def test_clock_re_estimates_the_time_left_from_the_pace(monkeypatch, capsys):
+    from lit_heads.analysis.study import budget
+
+    now = [0.0]
+    monkeypatch.setattr(budget.time, "perf_counter", lambda: now[0])
+    clock = budget.Clock(400, {"base": 20, "finding1": 80, "application": 300})
+    now[0] = 10.0  # a stage too small to judge the pace by
+    clock.lap("base")
+    assert clock.left_s() is None and "left" not in capsys.readouterr().out
+    now[0] = 10.0 + 160.0  # finding 1 took twice its plan, so the rest should too
+    clock.lap("finding1")
+    assert clock.left_s() == pytest.approx(170 / 100 * 300)
+    assert "finding 1 (patterns before/after SFT, every probe) done in 160 s" in capsys.readouterr().out
 
 
 def _check_outputs(out: Path, cfg: dict) -> dict:
@@ -296,7 +328,7 @@ def _check_outputs(out: Path, cfg: dict) -> dict:
         assert paper_number in report
     assert "Where ours differ" in report
     assert "Noise ceiling**, defined" in report and "Which probe the paper's description matches" in report
-    assert "size-weighted mix → complex" in report and "AP-guided − random mix → complex" in report
+    assert "size-weighted mix → complex" in report and "| AP-guided − random mix |" in report
     assert PAPER["application_math_benchmark"]["Llama3-8B"] == [46.12, 49.22, 50.10, 52.33]
     return results
 
@@ -342,20 +374,60 @@ def test_runner_trains_scores_and_generates_on_the_configured_gpu(tiny_llama_dir
     assert 0.0 <= runner.accuracy(tasks["math_code"].heldout[:2]) <= 1.0
 
 
-def test_whole_study_on_a_tiny_model(tiny_llama_dir, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def tiny_gemma_dir(tmp_path_factory, bundled_tokenizer):
+    """A second family next to tiny_llama_dir: a 2-layer Gemma (one KV head, head_dim 16)."""
+    from tiny_models import tiny_model
+
+    path = tmp_path_factory.mktemp("tiny-gemma")
+    tok = bundled_tokenizer
+    model = tiny_model("gemma", attn_implementation="sdpa", vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_whole_study_on_two_tiny_models_side_by_side(tiny_llama_dir, tiny_gemma_dir, tmp_path, capsys):
     from lit_heads.cli import main as cli_main
 
     out = tmp_path / "study"
-    args = ["study", "--model", str(tiny_llama_dir), "--output", str(out)]
+    args = ["study", "--model", json.dumps([str(tiny_llama_dir), str(tiny_gemma_dir)]), "--output", str(out)]
     for key, value in TINY.items():
-        args += [f"--{key}", json.dumps(value) if isinstance(value, (list, bool)) else str(value)]
+        args += [f"--{key}", json.dumps(value) if isinstance(value, (list, bool, dict)) else str(value)]
     cli_main(args)
-    results = _check_outputs(out, TINY)
-    assert results["model"] == {"name": str(tiny_llama_dir), "layers": 2, "heads": 4}
-    restricted = results["finding3"]["restricted"]
-    assert set(restricted["arms"]) == {"top", "random"}
-    assert all(0 < a["trainable_fraction"] < 0.5 and len(a["heads"]) == 2 for a in restricted["arms"].values())
-    assert "estimated" in capsys.readouterr().out  # the ETA is printed up front
+    printed = capsys.readouterr().out
+    # Both plans and the total come first, before any model loads.
+    assert printed.index(f"plan for {tiny_gemma_dir}") < printed.index("2 models, estimated") < printed.index("[study] SFT on")
+    for model_dir in (tiny_llama_dir, tiny_gemma_dir):
+        results = _check_outputs(out / model_dir.name, TINY)
+        assert results["model"] == {"name": str(model_dir), "layers": 2, "heads": 4}
+        restricted = results["finding3"]["restricted"]
+        assert set(restricted["arms"]) == {"top", "random"}
+        assert all(0 < a["trainable_fraction"] < 0.5 and len(a["heads"]) == 2 for a in restricted["arms"].values())
+        assert results["application"]["pool_sizes"] == TINY["basic_train_sizes"]
+    side = (out / "report.md").read_text()
+    llama = json.loads((out / tiny_llama_dir.name / "results.json").read_text())
+    gemma = json.loads((out / tiny_gemma_dir.name / "results.json").read_text())
+    r2 = f"{llama['finding2']['main']['lstsq']['r2']:.3f} | {gemma['finding2']['main']['lstsq']['r2']:.3f}"
+    assert f"| Finding 2: composition R² (main probe) | 0.97 (math + code), 0.95 | {r2} |" in side
+    assert f"| {tiny_llama_dir.name} (2×4 heads) | {tiny_gemma_dir.name} (2×4 heads) |" in side
+    assert "probe (c) a fixed mix of all tasks' held-out data" in side and "The runs differ" not in side
+
+    # The same table from the two finished folders, without training anything.
+    again = tmp_path / "combined"
+    cli_main(["study", "--combine", json.dumps([str(out / d.name) for d in (tiny_llama_dir, tiny_gemma_dir)]),
+              "--output", str(again)])
+    assert (again / "report.md").read_text() == side
+    # A folder from a run that did not finish is refused before anything is written.
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "results.json").write_text(json.dumps({**llama, "complete": False}))
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["study", "--combine", json.dumps([str(out / tiny_llama_dir.name), str(unfinished)]),
+                  "--output", str(tmp_path / "refused")])
+    assert exit_info.value.code == 2 and "did not finish" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
 
 
 @pytest.mark.integration

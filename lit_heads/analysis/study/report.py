@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from lit_heads.analysis.study.application import ARM_LABELS, ARMS, PAPER_ARMS
+from lit_heads.analysis.study.config import run_folder
 from lit_heads.analysis.study.figures import plot_application, plot_over_steps, plot_patterns, plot_similarity
 from lit_heads.analysis.study.paper import PAPER
 from lit_heads.atomic import atomic_write_text
@@ -143,6 +144,14 @@ def _spread_name(app: dict) -> str:
     return f"{100 * app['ci']:.0f}% t-interval half-width" if app.get("ci") else "standard deviation"
 
 
+def _paper_gains(named: bool = False) -> str:
+    """The paper's AP-guided minus random-mix gain per model, from its table."""
+    table = PAPER["application_math_benchmark"]
+    ap, rnd = table["columns"].index("AP-guided mix first"), table["columns"].index("random mix first")
+    models = [m for m in table if m != "columns"]
+    return " / ".join(f"{m + ' ' if named else ''}{table[m][ap] - table[m][rnd]:+.2f}" for m in models)
+
+
 def _paired_verdict(d: dict) -> str:
     if "low" not in d:
         return "no interval (ci: null)"
@@ -191,7 +200,7 @@ def _differences(results: dict) -> list[str]:
     if d:
         interval = f", {100 * d['ci']:.0f}% CI [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]" if "low" in d else ""
         out.append(f"AP-guided minus random mix, paired by seed: {100 * d['mean']:+.1f} points{interval} over "
-                   f"{d['n']} seeds: {_paired_verdict(d)} (paper: +3.0 / +1.75 / +2.23 points, no interval given).")
+                   f"{d['n']} seeds: {_paired_verdict(d)} (paper: {_paper_gains()} points, one run each, no interval).")
     m = results["model"]
     out.append(f"Scale differs: `{m['name']}` ({m['layers']}x{m['heads']} heads), tens of SFT steps, generated tasks, "
                "against 7-8B models trained on thousands of samples and graded on a math benchmark.")
@@ -213,7 +222,7 @@ def _application_md(app: dict, cfg: dict, model: str, fig_app: str) -> list[str]
                      for arm, counts in app["mix_counts"].items()])
     lines += ["", f"**Budget, matched:** every trained arm takes {app['steps']['complex_only']} optimizer steps at batch "
               f"{cfg['batch_size']}. Complex-only SFT spends all {app['steps']['complex_only']} on the "
-              f"{app['complex_train_size']} scarce complex samples; each mix arm spends {app['steps']['mix']} steps on its "
+              f"{app['complex_train_size']} scarce complex samples; each mix arm spends {app['steps']['mix']} on its "
               f"mix (one pass) and then {app['steps']['complex']} on the same {app['complex_train_size']} complex "
               "samples. Each stage starts a fresh AdamW with its own warmup and cosine decay. A seed draws the scarce "
               "set (shared by all arms of that seed), the shuffles and the mixes. Graded on "
@@ -232,11 +241,10 @@ def _application_md(app: dict, cfg: dict, model: str, fig_app: str) -> list[str]
         for key, d in app["paired"].items():
             other = key.split(" - ")[1]
             interval = f"[{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]" if "low" in d else "n/a"
-            rows.append([f"AP-guided − {ARM_LABELS[other]}", f"{100 * d['mean']:+.1f}", interval,
+            rows.append([f"AP-guided − {ARM_LABELS[other].split(' → ')[0]}", f"{100 * d['mean']:+.1f}", interval,
                          ", ".join(f"{100 * v:+.1f}" for v in d["values"]), _paired_verdict(d)])
         lines += _table(["difference", "mean", f"{100 * (app.get('ci') or 0):.0f}% CI", "per seed", "reading"], rows)
-        lines += ["", "Paper, AP-guided − random mix (one run each, no interval): Llama-7B +3.00, Llama2-7B +1.75, "
-                  "Llama3-8B +2.23 points."]
+        lines += ["", f"Paper, AP-guided − random mix (one run each, no interval): {_paper_gains(named=True)} points."]
     lines += ["", f"![application](figures/{fig_app})", ""]
     return lines
 
@@ -381,9 +389,9 @@ def write_side_by_side(out: Path, runs: dict[str, dict]) -> Path:
     rows += [("Finding 3: accuracy full SFT / top-k heads / random-k heads (%)", "—", "f3")]
     rows += [(f"Application: {ARM_LABELS[a]} (%)", f"{paper[PAPER_ARMS.index(a)]:.2f} (Llama3-8B)" if a in PAPER_ARMS
               else "—", a) for a in ARMS]
-    rows += [("Application: AP-guided − random mix, paired (points, CI)", "+2.23 (Llama3-8B, no CI)", "paired"),
+    rows += [("Application: AP-guided − random mix, paired (points, CI)", f"{_paper_gains()} (no CI)", "paired"),
              ("wall time (min)", "—", "minutes")]
-    models = [f"{runs[n]['model']['name']} ({runs[n]['model']['layers']}×{runs[n]['model']['heads']} heads)"
+    models = [f"{run_folder(runs[n]['model']['name'])} ({runs[n]['model']['layers']}×{runs[n]['model']['heads']} heads)"
               for n in names]
     lines = ["# lit_heads study: models side by side", "",
              f"Complex task `{first['complex_task']}`, basic tasks {first['basic_tasks']}, seeds {first['seeds']}. "
