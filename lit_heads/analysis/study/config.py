@@ -50,6 +50,8 @@ class StudyConfig:
         restricted_random: also train k random heads, the control for the top-k choice.
         eval_samples: held-out complex-task samples whose greedy answers are graded.
         max_new_tokens: generation budget per graded answer.
+        gen_batch_size: answers generated at once (decoding a token costs about the same for 16 or 32 on a CPU,
+            since reading the weights dominates, so larger batches finish the grading sooner).
         complex_train_size: the scarce complex-task training set of the application.
         mix_steps: steps of the first (mix) stage of the application.
         complex_steps: steps of the second (complex data) stage; complex-only SFT gets both budgets.
@@ -96,6 +98,7 @@ class StudyConfig:
     restricted_random: bool = True
     eval_samples: int = 32
     max_new_tokens: int = 48
+    gen_batch_size: int = 32
     complex_train_size: int = 32
     mix_steps: int = 25
     complex_steps: int = 25
@@ -179,6 +182,7 @@ class StudyConfig:
             raise ConfigError(f"{small}: a pattern needs at least 2 samples (two disjoint halves).")
         positive = dict(sft_steps=self.sft_steps, mix_steps=self.mix_steps, complex_steps=self.complex_steps,
                         eval_samples=self.eval_samples, complex_train_size=self.complex_train_size,
+                        gen_batch_size=self.gen_batch_size,
                         batch_size=self.batch_size, track_every=self.track_every, real_sft_steps=self.real_sft_steps)
         bad = {k: v for k, v in positive.items() if v < 1}
         if bad:

@@ -84,5 +84,6 @@ class StudyRunner:
         """Share of greedy answers the task's checker accepts."""
         from lit_heads.data import is_correct
 
-        answers = self.module.generate([self.data.render_prompt_ids(e) for e in examples])
+        answers = self.module.generate([self.data.render_prompt_ids(e) for e in examples],
+                                       batch_size=self.cfg.gen_batch_size)
         return sum(is_correct(e, a) for e, a in zip(examples, answers)) / len(examples)
