@@ -59,6 +59,16 @@ class LitHeadsCLI(LightningCLI):
         # The data is tokenized with the model's own tokenizer; one name configures both.
         parser.link_arguments("model.model", "data.tokenizer")
 
+    def before_instantiate_classes(self) -> None:
+        # Before the logger (first) and the model are built: bad data fails in a second, before a
+        # model loads or a W&B run folder appears; the run folder's defaults are filled in.
+        from lit_heads.data.datamodule import check_data_sources
+        from lit_heads.run_folder import fill_run_folder
+
+        config = self.config[self.config.subcommand]
+        check_data_sources(config.data)
+        fill_run_folder(config.trainer)
+
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads --ckpt_path's hyper-parameters with torch.load before the Trainer (and
         # its CheckpointIO with clear errors) sees the file.
@@ -103,10 +113,12 @@ def run_lightning(args: list[str] | None) -> None:
 
 
 EXTRA_COMMANDS = {
+    "ablate": "lit_heads.commands.ablate",    # mask top/random/bottom-k heads: loss increase, accuracy drop
     "ap": "lit_heads.commands.ap",            # activation pattern of a model on data
     "compare": "lit_heads.commands.compare",  # full vs head-restricted SFT arms, one report
     "compose": "lit_heads.commands.compose",  # fit a pattern change as a combination of others
     "mix": "lit_heads.commands.mix",          # AP-guided mix of basic-task data
+    "plan": "lit_heads.commands.plan",        # will it fit? trainable counts and memory per device, no weights
     "study": "lit_heads.commands.study",      # the paper's study end to end
 }
 
@@ -123,7 +135,7 @@ def _extra_commands() -> dict:
 
 DESCRIPTION = (
     "lit_heads: SFT of causal LMs with attention-head activation patterns. Training subcommands: fit, "
-    "validate, test, predict (LightningCLI). Analysis subcommands: ap, compare, compose, mix, study; "
+    "validate, test, predict (LightningCLI). Analysis subcommands: ablate, ap, compare, compose, mix, plan, study; "
     "run `lit_heads <command> --help`."
 )
 

@@ -48,11 +48,13 @@ def _netrc_has_key() -> bool:
 class WandbLogger(_LightningWandbLogger):
     """Lightning's WandbLogger with automatic offline mode, a local metrics mirror and error tolerance."""
 
-    def __init__(self, name: str | None = None, save_dir: str = "runs", project: str = "lit_heads", offline: bool | None = None, group: str | None = None, **kwargs: Any):
+    def __init__(self, name: str | None = None, save_dir: str | None = None, project: str = "lit_heads", offline: bool | None = None, group: str | None = None, **kwargs: Any):
         """
         Args:
             name: display name of the run.
-            save_dir: folder for the W&B run, `metrics.jsonl`, `config.yaml` and checkpoints.
+            save_dir: folder for the W&B run, `metrics.jsonl` and `config.yaml`; `lit_heads fit` sets it to
+                `trainer.default_root_dir` when the config leaves it unset (lit_heads/run_folder.py).
+                Without either: the working directory, Lightning's default run folder.
             project: W&B project.
             offline: None decides automatically (see module docs); True/False force it.
             group: W&B group, e.g. to compare several arms.
@@ -63,7 +65,7 @@ class WandbLogger(_LightningWandbLogger):
             offline, reason = wandb_should_be_offline()
         # Absolute: W&B's service process resolves a relative folder against its own working
         # directory, which is the one of the first run in this Python process.
-        save_dir = os.path.abspath(save_dir)
+        save_dir = os.path.abspath(save_dir if save_dir is not None else os.getcwd())
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         super().__init__(name=name, save_dir=save_dir, project=project, offline=offline, group=group, **kwargs)
         self.metrics_file = Path(save_dir) / "metrics.jsonl"

@@ -1,13 +1,16 @@
 """The SFT LightningModule: wraps any Hugging Face causal LM.
 
 Loss is token-averaged cross-entropy over response tokens only (the DataModule labels prompt and
-padding with -100). Validation also generates answers for a few held-out prompts and scores them
-with the task's exact-match checker (`val/acc`).
+padding with -100). The validation and test loss is `ResponseLoss`: the same cross-entropy summed
+over every response token of the whole set (on every rank) and divided by their number; its exp is
+the perplexity. Validation and test also generate answers for a few held-out prompts and score them
+with the task's exact-match checker (`val/acc`, `test/acc`).
 """
 
 from __future__ import annotations
 
-import time
+from collections.abc import Iterable
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
@@ -15,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
-from torchmetrics.text import Perplexity
+from torchmetrics import MeanMetric
 
 from lit_heads.atomic import atomic_dir
 from lit_heads.models import DEFAULT_MODEL, load_model, load_tokenizer
@@ -27,7 +30,31 @@ def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
 
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy of each labelled (response) token of the batch, as a 1-D tensor."""
+    targets = labels[:, 1:].flatten()
+    losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, ignore_index=-100, reduction="none")
+    return losses[targets != -100]
+
+
+class ResponseLoss(MeanMetric):
+    """The validation (and test) loss: the sum of the cross-entropy of every response token of the set
+    divided by the number of those tokens, over all ranks (torchmetrics all-reduces both sums). Unlike
+    a mean of per-batch means, a batch of long responses weighs by its tokens; exp of it is exactly
+    the perplexity."""
+
+    def __init__(self):
+        # "disable": a NaN loss must show as NaN, not be dropped from the mean with a warning.
+        super().__init__(nan_strategy="disable")
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.update(token_losses(logits, labels))
+
+
 class SFTModule(L.LightningModule):
+    # Read by Lightning's ThroughputMonitor, which warns when it is missing; unknown here, so no FLOPs/MFU.
+    flops_per_batch = None
+
     def __init__(
         self,
         model: str = DEFAULT_MODEL,
@@ -46,7 +73,7 @@ class SFTModule(L.LightningModule):
             attn_implementation: 'sdpa' (default of transformers), 'eager', 'flash_attention_2', ...
             num_generate: validation prompts answered by greedy generation for `val/acc` (0 disables).
             max_new_tokens: generation budget per validation prompt.
-            gradient_checkpointing: trade compute for activation memory.
+            gradient_checkpointing: trade compute for activation memory (active in training only).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -56,8 +83,8 @@ class SFTModule(L.LightningModule):
             self.model.gradient_checkpointing_enable()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.val_ppl = Perplexity(ignore_index=-100)
-        self._batch_started = 0.0
+        self.val_loss = ResponseLoss()
+        self.test_loss = ResponseLoss()
 
     def forward(self, input_ids, attention_mask=None):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
@@ -67,6 +94,10 @@ class SFTModule(L.LightningModule):
 
     # ---- training -------------------------------------------------------------------------
     def on_fit_start(self):
+        # from_pretrained returns the model in eval mode and Lightning keeps each submodule's mode, so
+        # without this dropout would be off and gradient checkpointing (active only in training) idle.
+        # Here, not in on_train_start: Lightning checks the modes (and warns) just before that hook.
+        self.train()
         params = dict(self.named_parameters())
         trainable = sum(p.numel() for p in params.values() if p.requires_grad)
         frozen = sum(p.numel() for p in params.values() if not p.requires_grad)
@@ -78,47 +109,66 @@ class SFTModule(L.LightningModule):
             f"model's {total:,}), frozen {frozen:,}"
         )
 
-    def on_train_batch_start(self, batch, batch_idx):
-        self._batch_started = time.perf_counter()
-
     def training_step(self, batch, batch_idx):
         loss = self.loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        elapsed = time.perf_counter() - self._batch_started
-        tokens = int(batch["attention_mask"].sum()) * self.trainer.world_size
-        self.log("train/tokens_per_s", tokens / max(elapsed, 1e-9), prog_bar=True)
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
-
-    # ---- validation -----------------------------------------------------------------------
+    # ---- validation and test ----------------------------------------------------------------
     def validation_step(self, batch, batch_idx):
-        logits = self(batch["input_ids"], batch["attention_mask"])
-        loss = response_loss(logits, batch["labels"])
-        self.val_ppl.update(logits[:, :-1].float(), batch["labels"][:, 1:])
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
-        self.log("val/ppl", self.val_ppl, on_epoch=True)
+        self.val_loss.add(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
 
-    test_step = validation_step
+    def test_step(self, batch, batch_idx):
+        self.test_loss.add(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
 
     def on_validation_epoch_end(self):
-        if self.trainer.sanity_checking or not self.hparams.num_generate:
-            return
-        datamodule = self.trainer.datamodule
-        if datamodule is None or not hasattr(datamodule, "generation_examples"):
-            return
-        correct, total, rows = self.generation_accuracy(datamodule, self.hparams.num_generate)
-        self.log("val/acc", correct / max(total, 1), prog_bar=True, sync_dist=True)  # equal on all ranks already
-        self._log_samples(rows)
+        self._log_loss("val", self.val_loss)
+        if not self.trainer.sanity_checking:
+            self._log_accuracy("val")
 
-    def generation_accuracy(self, datamodule, n: int) -> tuple[int, int, list[list[str]]]:
-        """Greedy answers for the first `n` validation prompts, split across ranks and summed, so
-        every rank returns the same global (correct, total)."""
+    def on_test_epoch_end(self):
+        self._log_loss("test", self.test_loss)
+        self._log_accuracy("test")
+
+    def _log_loss(self, stage: str, metric: ResponseLoss) -> None:
+        loss = metric.compute()  # every rank gets the loss of the whole set
+        metric.reset()
+        # sync_dist only averages the value every rank already holds (and spares Lightning's warning).
+        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True)
+        self.log(f"{stage}/ppl", loss.exp(), sync_dist=True)
+
+    def _log_accuracy(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        if not self.hparams.num_generate or datamodule is None or not hasattr(datamodule, "generation_examples"):
+            return
+        correct, total, rows = self.generation_accuracy(datamodule, self.hparams.num_generate, stage)
+        if total:  # nothing gradable: no accuracy rather than a 0 that reads as 0%
+            self.log(f"{stage}/acc", correct / total, prog_bar=True, sync_dist=True)  # equal on all ranks already
+        self._log_samples(rows, f"{stage}/samples")
+
+    @torch.no_grad()
+    def evaluate_loss(self, batches: Iterable[dict]) -> float:
+        """`ResponseLoss` of `batches` in eval mode, as validation computes it. Under DDP each rank passes
+        its own share (the DataModule's loaders shard by rank) and every rank gets the loss of all."""
+        metric = ResponseLoss().to(self.device)
+        was_training = self.training
+        self.eval()
+        # In a Trainer, under its precision (autocast for the mixed ones), as validation runs.
+        context = self._trainer.precision_plugin.forward_context if self._trainer is not None else nullcontext
+        for batch in batches:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with context():
+                metric.add(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        self.train(was_training)
+        return float(metric.compute())
+
+    def generation_accuracy(self, datamodule, n: int, split: str = "val") -> tuple[int, int, list[list[str]]]:
+        """Greedy answers for the first `n` prompts of `split` (val or test), split across ranks and
+        summed, so every rank returns the same global (correct, total); total 0: nothing gradable."""
         from lit_heads.data import is_checkable, is_correct
 
         # Examples without an answer (plain prompt/response data) cannot be graded, only shown.
-        examples = [e for e in datamodule.generation_examples(n) if is_checkable(e)]
+        examples = [e for e in datamodule.generation_examples(n, split) if is_checkable(e)]
         world, rank = self.trainer.world_size if self._trainer else 1, self.global_rank
         mine = examples[rank::world]
         answers = self.generate([datamodule.render_prompt_ids(e) for e in mine]) if mine else []
@@ -150,13 +200,13 @@ class SFTModule(L.LightningModule):
         self.model.train(was_training)
         return [text.strip() for text in out]
 
-    def _log_samples(self, rows: list[list[str]]) -> None:
+    def _log_samples(self, rows: list[list[str]], key: str = "val/samples") -> None:
         if not rows or self.global_rank != 0:
             return
         for logger in self.loggers:
             if hasattr(logger, "log_text"):
                 try:
-                    logger.log_text(key="val/samples", columns=["prompt", "generated", "answer", "correct"], data=rows, step=self.global_step)
+                    logger.log_text(key=key, columns=["prompt", "generated", "answer", "correct"], data=rows, step=self.global_step)
                 except Exception as err:  # a logging failure must never stop training
                     rank_zero_info(f"lit_heads: could not log sample table: {err}")
 

@@ -40,7 +40,7 @@ fit() {
         --data.train_size 256 --data.val_size 16 --data.batch_size 8 \
         --trainer.accelerator gpu --trainer.devices 1 --trainer.max_steps 20 \
         --trainer.val_check_interval 20 --trainer.log_every_n_steps 5 --trainer.enable_progress_bar false \
-        --trainer.default_root_dir "$dir" --trainer.logger.init_args.save_dir "$dir" \
+        --trainer.default_root_dir "$dir" \
         --trainer.callbacks "[]" \
         --trainer.callbacks+=lit_heads.callbacks.fit_summary.FitSummary \
         "$@" >"$dir.log" 2>&1; then
@@ -99,12 +99,13 @@ if timeout 150 "$PY" -m lit_heads.cli fit --config configs/quickstart.yaml --mod
         --data.train_size 1024 --data.val_size 0 --data.max_length 256 --data.batch_size 16 \
         --trainer.accelerator gpu --trainer.devices 1 --trainer.precision bf16-mixed --trainer.max_steps 40 \
         --trainer.limit_val_batches 0 --trainer.log_every_n_steps 1 --trainer.enable_progress_bar false \
-        --trainer.default_root_dir "$dir" --trainer.logger.init_args.save_dir "$dir" --trainer.callbacks "[]" \
+        --trainer.default_root_dir "$dir" --trainer.callbacks "[]" \
+        --trainer.callbacks+=lit_heads.callbacks.throughput.TokenThroughput \
         >"$dir.log" 2>&1; then
     if "$PY" - "$dir/metrics.jsonl" <<'EOF'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-tps = [r["train/tokens_per_s"] for r in rows if "train/tokens_per_s" in r][10:]  # skip warm-up steps
+tps = [r["train/device/items_per_sec"] for r in rows if "train/device/items_per_sec" in r][10:]  # skip warm-up steps
 median = statistics.median(tps)
 print(f"  median {median:,.0f} tokens/s over {len(tps)} steps (after 10 warm-up steps)")
 sys.exit(0 if median > 20_000 else 1)  # a 135M model on any datacenter GPU does far more

@@ -226,6 +226,28 @@ def test_bad_input_is_a_clear_error_with_exit_2_and_no_output_touched(case, ws, 
     assert snapshot(ws) == before, "a failing command changed a good output"
 
 
+@pytest.mark.parametrize("data", ["keys.jsonl", "no_such_file.jsonl", "generated:nosuch"])
+def test_bad_data_fails_before_the_model_loads_or_a_wandb_run_starts(ws, tiny_llama_dir, monkeypatch, capsys, data):
+    """With the quickstart's W&B logger (offline) and the real model path: the data is checked first."""
+    loaded = []
+
+    def load_model(*args, **kwargs):
+        loaded.append(args)
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr("lit_heads.module.load_model", load_model)
+    before = snapshot(ws)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(QUICKSTART), "--model.model", str(tiny_llama_dir), "--data.train", data])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err[-2000:]
+    assert data.split(":")[-1] in err
+    assert not loaded
+    assert not (ws / "runs/quickstart/wandb").exists() and not (ws / "wandb").exists()
+    assert snapshot(ws) == before and sorted(p.name for p in (ws / "runs/quickstart").iterdir()) == [
+        "checkpoints", "config.yaml", "export", "fit_summary.json", "heads", "metrics.jsonl"]
+
+
 def test_late_failure_keeps_the_good_config_yaml(ws, tiny_llama_dir, capsys):
     before = (ws / "runs/quickstart/config.yaml").read_bytes()
     with pytest.raises(SystemExit):

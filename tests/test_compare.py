@@ -10,14 +10,17 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from lit_heads.cli import main
+from lit_heads.data import SFTDataModule
 from lit_heads.commands.compare import Arm, parse_arm
 from lit_heads.errors import ConfigError
 from lit_heads.heads.restrict import HeadRestriction
+from tiny_models import reference_losses
 
 ROOT = Path(__file__).resolve().parents[1]
+# 6 validation samples in batches of 4 and 2: a mean of batch means would differ from val/loss.
 TINY = """
 model: {num_generate: 4, max_new_tokens: 4}
-data: {train_size: 16, val_size: 4, max_length: 128, batch_size: 4}
+data: {train_size: 16, val_size: 6, max_length: 128, batch_size: 4}
 trainer: {max_steps: 4, val_check_interval: 2}
 """
 
@@ -69,6 +72,8 @@ def test_compare_two_arms_writes_a_report_with_checked_numbers(tiny_llama_dir, t
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     total = sum(p.numel() for p in base.parameters())
+    dm = SFTDataModule(tokenizer=str(tiny_llama_dir), train_size=16, val_size=6, max_length=128, batch_size=4, seed=42)
+    base_loss = reference_losses(tiny_llama_dir, dm.val_dataloader())[0]
     heads = [tuple(h) for h in json.loads((out / "top-0.25" / "heads" / "selection.json").read_text())["heads"]]
     assert len(heads) == 2  # 25% of 2 layers x 4 heads
     assert full["trainable"] == full["total"] == total
@@ -80,12 +85,35 @@ def test_compare_two_arms_writes_a_report_with_checked_numbers(tiny_llama_dir, t
         assert arm["val_loss"] == summary["after"]["val_loss"] and arm["steps"] == 4
         assert arm["ap_change"]["mse_vs_start"] > 0 and arm["step_time_s"] > 0 and arm["peak_rss_mb"] > 100
         assert [s for s, _ in arm["val_curve"]] == [2, 4]
+        # The curve's last point (val/loss at step 4) and the summary's "after" (same weights) are one number,
+        # and the base line of the plot is the same definition on the base model.
+        assert arm["val_curve"][-1][1] == pytest.approx(summary["after"]["val_loss"], rel=1e-5)
+        assert arm["val_loss_before"] == pytest.approx(base_loss, rel=1e-5)
         # The table shows the numbers read back from the run folders.
         assert f"| {arm['name']} |" in report and f"{arm['trainable']:,}" in report and f"{arm['val_loss']:.4f}" in report
 
     # Same shared config in every arm, per-arm folders and one W&B group.
     for slug, name in (("full", "full"), ("top-0.25", "top:0.25")):
         overrides = yaml.safe_load((out / slug / "arm.yaml").read_text())["trainer"]
-        assert overrides["logger"]["init_args"] == {**overrides["logger"]["init_args"], "group": "test-group", "name": name, "save_dir": str(out / slug)}
-        assert (out / slug / "heads" / "ap_history.safetensors").is_file()
+        # save_dir null: the logger follows the arm's run folder (default_root_dir), like every output.
+        assert overrides["default_root_dir"] == str(out / slug)
+        assert overrides["logger"]["init_args"] == {**overrides["logger"]["init_args"], "group": "test-group", "name": name, "save_dir": None}
+        assert all("dirpath" not in (c.get("init_args") or {}) for c in overrides["callbacks"])
+        assert (out / slug / "heads" / "ap_history.safetensors").is_file() and (out / slug / "metrics.jsonl").is_file()
+        assert next((out / slug / "wandb").glob("offline-run-*")).is_dir()
     assert not (out / "full" / "heads" / "selection.json").exists()
+    assert not (tmp_path / "runs").exists()  # nothing went to the shared config's run folder
+
+
+def test_an_arm_without_gradable_answers_shows_not_applicable_not_zero(tmp_path):
+    from lit_heads.analysis.report import ArmResult, table_rows
+    from lit_heads.callbacks.fit_summary import format_summary
+
+    arm = ArmResult(name="full", directory=tmp_path, trainable=10, total=10, optimizer_state=20, val_loss_before=2.0,
+                    val_loss=1.0, val_acc=None, val_acc_n=0, step_time_s=0.1, peak_rss_mb=100.0, peak_cuda_mb=None, steps=3)
+    assert table_rows([arm])[0][6] == "n/a (no gradable answers)"
+    graded = {**vars(arm), "val_acc": 0.5, "val_acc_n": 4}
+    assert table_rows([ArmResult(**graded)])[0][6] == "0.500 (n=4)"
+    summary = {"steps": 3, "before": {"val_loss": 2.0, "val_acc": None, "val_acc_n": 0},
+               "after": {"val_loss": 1.0, "val_acc": None, "val_acc_n": 0}}
+    assert "  val accuracy    n/a (no gradable answers)" in format_summary(summary).splitlines()

@@ -180,6 +180,10 @@ def test_separate_val_and_test_files(tok, tmp_path):
     dm.setup("fit")
     assert [e.prompt for e in dm.val_examples] == ["va0", "va1", "va2"] and len(dm.train_examples) == 6
     assert len(dm.test_dataloader().dataset) == 3, "test falls back to validation"
+    assert [e.prompt for e in dm.generation_examples(2, "test")] == ["va0", "va1"]  # test/acc graded on validation
+    dm = _dm(tok, train=write("tr", 6), val=write("va", 3), test=write("te", 2))
+    assert [e.prompt for e in dm.generation_examples(5, "test")] == ["te0", "te1"]  # test/acc graded on the test set
+    assert [e.prompt for e in dm.generation_examples(5)] == ["va0", "va1", "va2"]
     dm = _dm(tok, train=write("tr", 6), test=write("te", 2), val_split=0.0)
     assert dm.val_dataloader() == [] and len(dm.train_examples) == 6
     assert len(dm.test_dataloader().dataset) == 2

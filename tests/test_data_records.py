@@ -81,9 +81,57 @@ def test_unknown_record_lists_formats_and_keys_seen(tmp_path):
 
 
 def test_unknown_format_name_lists_known_formats():
-    with pytest.raises(DataError, match="Unknown data format 'sharegpt'") as err:
-        load_examples("unused.jsonl", format="sharegpt")
-    assert all(name in str(err.value) for name in ("auto", "prompt_response", "question_answer", "alpaca", "messages"))
+    with pytest.raises(DataError, match="Unknown data format 'csv'") as err:
+        load_examples("unused.jsonl", format="csv")
+    assert all(name in str(err.value) for name in ("auto", "prompt_response", "question_answer", "alpaca", "messages", "sharegpt"))
+
+
+def test_sharegpt_conversations_are_detected_and_become_chat_messages(tmp_path):
+    record = {"id": "x", "conversations": [
+        {"from": "system", "value": "Be brief."},
+        {"from": "human", "value": "Hi"},
+        {"from": "gpt", "value": "Hello"},
+        {"from": "human", "value": "2+2?"},
+        {"from": "gpt", "value": "4"},
+    ]}
+    assert detect_format(record) == "sharegpt"
+    path = write_jsonl(tmp_path / "sharegpt.jsonl", [record])
+    [example] = load_examples(path)
+    assert example == Example(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+         {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "2+2?"}], "4")
+    assert load_examples(path, format="sharegpt") == [example]
+
+
+@pytest.mark.parametrize("conversations, message", [
+    ([{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}], r"conversation turn 1 must be a dict with 'from' one of \['gpt', 'human', 'system'\]"),
+    ([{"from": "human", "value": "a"}, {"from": "gpt", "value": 3}], "conversation turn 1 .* string 'value'"),
+    ([{"from": "human", "value": "a"}], "'conversations' needs at least one message before an assistant"),
+    ([], "'conversations' must be a non-empty list"),
+])
+def test_bad_sharegpt_records_are_reported(conversations, message):
+    with pytest.raises(DataError, match=rf"x\.jsonl:4: {message}"):
+        record_to_example({"conversations": conversations}, where="x.jsonl:4")
+
+
+@pytest.mark.parametrize("record", [
+    {"instruction": "Natalia sold 48 clips...", "output": "48 + 24 = 72\n#### 72"},
+    {"messages": [{"role": "user", "content": "Natalia sold 48 clips..."}, {"role": "assistant", "content": "48 + 24 = 72\n#### 72"}]},
+    {"conversations": [{"from": "human", "value": "Natalia sold 48 clips..."}, {"from": "gpt", "value": "48 + 24 = 72\n#### 72"}]},
+    {"prompt": "Natalia sold 48 clips...", "completion": "48 + 24 = 72\n#### 72"},
+])
+def test_a_response_ending_in_gsm8k_marker_gives_its_number_as_answer(record):
+    example = record_to_example(record)
+    assert (example.answer, example.task) == ("72", "gsm8k")
+    from lit_heads.data import is_checkable, is_correct
+
+    assert is_checkable(example) and is_correct(example, "So she sold 72 clips.") and not is_correct(example, "48")
+
+
+def test_an_explicit_answer_or_a_marker_not_on_the_last_line_wins_over_the_response():
+    assert record_to_example({"instruction": "i", "output": "#### 72", "answer": "70"}).answer == "70"
+    assert record_to_example({"instruction": "i", "output": "#### 72\nThat is all."}).answer is None
+    assert record_to_example({"instruction": "i", "output": "72"}).answer is None
 
 
 @pytest.mark.parametrize(
@@ -181,6 +229,25 @@ def test_json_that_is_not_a_list_explains_the_shapes(tmp_path):
     path = tmp_path / "obj.json"
     path.write_text('{"rows": []}')
     with pytest.raises(DataError, match=r"list of records or \{\"data\": \[records\]\}.*keys \['rows'\]"):
+        load_examples(path)
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\u0085"])
+def test_jsonl_strings_may_hold_characters_that_splitlines_would_split_on(tmp_path, separator):
+    path = tmp_path / "d.jsonl"
+    # json.dumps(ensure_ascii=False) writes these raw, as many tools do; JSON allows them inside strings.
+    lines = [json.dumps({"prompt": f"a{separator}b", "response": "c"}, ensure_ascii=False), json.dumps({"prompt": "d", "response": "e"})]
+    path.write_text("\r\n".join(lines) + "\n", encoding="utf-8")
+    examples = load_examples(path)
+    assert [e.prompt for e in examples] == [f"a{separator}b", "d"]
+    assert [e.source for e in examples] == [f"{path}:1", f"{path}:2"]
+
+
+@pytest.mark.parametrize("data, shown", [({"rows": []}, "dict"), ("abc", "str"), (None, "NoneType")])
+def test_json_whose_data_field_is_not_a_list_says_so(tmp_path, data, shown):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"data": data}))
+    with pytest.raises(DataError, match=rf"{path}: the file's 'data' field must be a list of records, but it is {shown}"):
         load_examples(path)
 
 

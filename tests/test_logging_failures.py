@@ -19,9 +19,10 @@ trainer:
   log_every_n_steps: 1
   val_check_interval: 3
   enable_progress_bar: false
+  default_root_dir: wb
   logger:
     class_path: lit_heads.loggers.WandbLogger
-    init_args: {save_dir: wb, name: t, offline: null}
+    init_args: {name: t, offline: null}
   callbacks:
     - class_path: lit_heads.callbacks.fit_summary.FitSummary
 """

@@ -110,3 +110,23 @@ def sft_batch(
         lab[:p] = -100
         labels[b, sl] = lab
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def reference_losses(model_dir, loader) -> tuple[float, float]:
+    """A validation loss computed independently of lit_heads, for tests to hold the logged one to:
+    (token-weighted: float64 sum of every response token's cross-entropy / their number, the mean of
+    per-batch means). The two differ when batches hold different numbers of response tokens."""
+    import torch.nn.functional as F
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    total, count, batch_means = 0.0, 0, []
+    with torch.no_grad():
+        for batch in loader:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+            targets = batch["labels"][:, 1:]
+            losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="none")
+            mask = targets != -100
+            total += float(losses[mask].sum())
+            count += int(mask.sum())
+            batch_means.append(float(losses[mask].mean()))
+    return total / count, sum(batch_means) / len(batch_means)

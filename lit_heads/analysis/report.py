@@ -18,9 +18,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lit_heads.atomic import atomic_write, atomic_write_text
 from lit_heads.errors import DataError
 from lit_heads.heads.history import PatternHistory
-from lit_heads.atomic import atomic_write, atomic_write_text
+from lit_heads.run_folder import FIT_SUMMARY, HEADS, NO_ACCURACY
 
 
 @dataclass
@@ -32,9 +33,9 @@ class ArmResult:
     trainable: int
     total: int
     optimizer_state: int  # scalars in optimizer state tensors (AdamW: exp_avg + exp_avg_sq)
-    val_loss_before: float
-    val_loss: float  # after fit, token-averaged over the whole validation set
-    val_acc: float | None
+    val_loss_before: float  # val/loss of the base model (FitSummary "before")
+    val_loss: float  # after fit: val/loss, token-weighted over the whole validation set
+    val_acc: float | None  # None: not measured, or no gradable answer (val_acc_n 0)
     val_acc_n: int | None
     step_time_s: float  # median over training steps
     peak_rss_mb: float
@@ -58,11 +59,11 @@ class ArmResult:
 def load_arm(directory: str | Path, name: str, wall_s: float | None = None) -> ArmResult:
     """Read an arm's run folder (see the module docstring)."""
     d = Path(directory)
-    summary = _json(d / "fit_summary.json", "FitSummary")
+    summary = _json(d / FIT_SUMMARY, "FitSummary")
     stats = _json(d / "arm_stats.json", "ArmStats")
-    selection_file = d / "heads" / "selection.json"
+    selection_file = d / HEADS / "selection.json"
     selection = json.loads(selection_file.read_text()) if selection_file.is_file() else None
-    history_file = d / "heads" / "ap_history.safetensors"
+    history_file = d / HEADS / "ap_history.safetensors"
     after = summary["after"]
     return ArmResult(
         name=name, directory=d, trainable=int(stats["trainable"]), total=int(stats["total"]),
@@ -96,7 +97,7 @@ def table_rows(arms: list[ArmResult]) -> list[list[str]]:
         change = a.ap_change
         n_heads = a.history.scores[0].numel() if a.history is not None else None
         heads = "all" if a.heads is None else (f"{len(a.heads)} / {n_heads}" if n_heads else str(len(a.heads)))
-        acc = "-" if a.val_acc is None else f"{a.val_acc:.3f} (n={a.val_acc_n})"
+        acc = format_accuracy(a)
         memory = f"{a.peak_rss_mb / 1024:.2f} GiB RSS" + (f", {a.peak_cuda_mb / 1024:.2f} GiB CUDA" if a.peak_cuda_mb else "")
         rows.append([
             a.name, heads, f"{a.trainable:,}", f"{100 * a.trainable / a.total:.3f}%", f"{a.optimizer_state:,}",
@@ -105,6 +106,12 @@ def table_rows(arms: list[ArmResult]) -> list[list[str]]:
             "-" if change is None else f"{change['mse_vs_start']:.3e}",
         ])
     return rows
+
+
+def format_accuracy(arm: ArmResult) -> str:
+    if arm.val_acc_n is None:
+        return "-"  # not measured
+    return NO_ACCURACY if arm.val_acc is None else f"{arm.val_acc:.3f} (n={arm.val_acc_n})"
 
 
 def markdown_table(arms: list[ArmResult]) -> str:
@@ -116,7 +123,9 @@ def markdown_table(arms: list[ArmResult]) -> str:
 # ---- plots ----------------------------------------------------------------------------------------
 def plot_losses(arms: list[ArmResult], path: str | Path) -> Path:
     """Training loss (left) and validation loss (right) against the optimizer step, one line per arm;
-    the dashed line is the validation loss of the base model."""
+    the dashed line is the validation loss of the base model. The curve (`val/loss` of each
+    validation, from ArmStats) and the base line (FitSummary's "before") are the same number: the
+    module's token-weighted validation loss."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(11, 4))
@@ -203,8 +212,10 @@ def write_report(arms: list[ArmResult], out_dir: str | Path, *, title: str = "Fu
         "",
         "- **trainable params**: the exact number of trained scalars (head deltas for restricted arms); "
         "**optimizer state**: scalars in AdamW's state tensors (2 × trainable).",
-        "- **final val loss**: token-averaged response loss on the whole validation set, before → after fit "
-        "(FitSummary); **final val acc**: greedy exact match on the first n validation prompts.",
+        "- **final val loss**: `val/loss`, the response-token cross-entropy summed over the whole validation set "
+        "and divided by its number of response tokens, before → after fit (FitSummary); the validation curve in "
+        "the plot is the same number at each validation. **final val acc**: greedy exact match on the first n "
+        f"validation prompts ({NO_ACCURACY}: no prompt had an answer to check).",
         "- **step time**: median wall time of a training step (forward, backward, optimizer); "
         "**peak memory**: peak resident memory of the training process (and peak CUDA memory on GPU).",
         "- **AP corr / MSE vs step 0**: the activation pattern on the monitor's probe set at the last probe step "

@@ -7,6 +7,8 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from lit_heads.run_folder import EXPORT, output_dir
+
 
 class ExportHF(L.Callback):
     """Write `save_pretrained` output (model + tokenizer) to `dirpath` at the end of fit.
@@ -19,14 +21,13 @@ class ExportHF(L.Callback):
     def __init__(self, dirpath: str | None = None):
         """
         Args:
-            dirpath: export folder; default `<log dir>/export`.
+            dirpath: export folder; default `<trainer.default_root_dir>/export`.
         """
         self.dirpath = dirpath
         self.target: Path | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # trainer.log_dir is a collective call under DDP: resolve it here, on every rank.
-        self.target = Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "export"
+        self.target = output_dir(trainer, self.dirpath, EXPORT)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for callback in trainer.callbacks:

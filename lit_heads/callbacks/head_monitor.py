@@ -13,6 +13,7 @@ from lit_heads.heads import stats
 from lit_heads.heads.history import PatternHistory
 from lit_heads.heads.pattern import Pattern, heatmap
 from lit_heads.heads.scoring import HeadGateCapture, compute_ap, per_sample_scale
+from lit_heads.run_folder import HEADS, output_dir
 
 
 class HeadActivationMonitor(L.Callback):
@@ -46,7 +47,7 @@ class HeadActivationMonitor(L.Callback):
             free: also accumulate the AP of the training batches from their own backward pass.
             top_k: size of the head rankings compared between patterns.
             log_table: log the long-format (step, layer, head, score, rank) table to the loggers.
-            dirpath: where the history, heatmaps and plots go; default `<log dir>/heads`.
+            dirpath: where the history, heatmaps and plots go; default `<trainer.default_root_dir>/heads`.
         """
         if every_n_steps < 1:
             raise ConfigError(f"HeadActivationMonitor every_n_steps must be >= 1, got {every_n_steps}.")
@@ -63,7 +64,7 @@ class HeadActivationMonitor(L.Callback):
 
     # ---- setup --------------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage):
-        self.out_dir = Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "heads"
+        self.out_dir = output_dir(trainer, self.dirpath, HEADS)
 
     def on_fit_start(self, trainer, pl_module):
         batches = list(self._probe_loader(trainer.datamodule))

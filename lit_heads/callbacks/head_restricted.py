@@ -49,6 +49,7 @@ from lit_heads.atomic import atomic_write_text
 from lit_heads.heads.pattern import Pattern, heatmap
 from lit_heads.heads.restrict import KV_POLICIES, HeadRestriction
 from lit_heads.heads.selection import STRATEGIES, heads_to_mask, load_head_list, select_heads
+from lit_heads.run_folder import HEADS, output_dir
 
 DEFAULT_FRACTION = 0.1
 
@@ -89,7 +90,7 @@ class HeadRestrictedFinetuning(L.Callback):
             train_norms: also train every normalisation layer, whole.
             train_mlp: also train every MLP block, whole.
             seed: seed of strategy 'random'.
-            dirpath: where selection.json and selection_mask.png go; default `<log dir>/heads`.
+            dirpath: where selection.json and selection_mask.png go; default `<trainer.default_root_dir>/heads`.
         """
         if strategy not in STRATEGIES:
             raise ConfigError(
@@ -161,7 +162,7 @@ class HeadRestrictedFinetuning(L.Callback):
         # Lightning loads it after this hook, so the same restriction must be in place by then.
         if stage not in ("fit", "validate", "test") or (self.restriction is not None and self.restriction.applied):
             return
-        out_dir = Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "heads"  # collective
+        out_dir = output_dir(trainer, self.dirpath, HEADS)
         model = pl_module.model
         layout = find_heads(model)
         self.ranking_scores = self._ranking_scores(trainer, pl_module, layout)

@@ -44,8 +44,9 @@ RESTRICTED = "lit_heads.callbacks.head_restricted.HeadRestrictedFinetuning"
 MONITOR = "lit_heads.callbacks.head_monitor.HeadActivationMonitor"
 SUMMARY = "lit_heads.callbacks.fit_summary.FitSummary"
 ARM_STATS = "lit_heads.commands.compare.ArmStats"
-# Callbacks whose output folder is per run: pointed into the arm's folder so arms never overwrite each other.
-_DIRPATH_CALLBACKS = {"ModelCheckpoint": "checkpoints", "HeadActivationMonitor": "heads", "ExportHF": "export"}
+# Callbacks whose output folder is per run: their dirpath is dropped, so they write under the arm's
+# run folder (trainer.default_root_dir) and arms never overwrite each other.
+_PER_RUN_CALLBACKS = {"ModelCheckpoint", "HeadActivationMonitor", "ExportHF"}
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,7 @@ def compare(
     fit_args: list[str] | None = None,
 ) -> Path:
     """Run every arm as a `lit_heads fit`, then write the report. Returns the report path."""
-    from lit_heads.analysis.report import load_arm, markdown_table, write_report
+    from lit_heads.analysis.report import format_accuracy, load_arm, markdown_table, write_report
 
     if not config:
         raise ConfigError("lit_heads compare needs --config: the fit config every arm is trained with (e.g. configs/compare.yaml).")
@@ -217,7 +218,7 @@ def compare(
         print(f"[{n}/{len(parsed)}] {arm.spec}: lit_heads fit ... (log: {arm_dir / 'fit.log'})", flush=True)
         seconds = _run_fit(command, arm_dir)
         result = load_arm(arm_dir, arm.spec, wall_s=seconds)
-        acc = "" if result.val_acc is None else f", val acc {result.val_acc:.3f}"
+        acc = "" if result.val_acc_n is None else f", val acc {format_accuracy(result)}"
         print(f"      done in {seconds:.0f} s: {result.trainable:,} trainable, val loss {result.val_loss_before:.4f} -> "
               f"{result.val_loss:.4f}{acc}, step {result.step_time_s:.3f} s", flush=True)
         results.append(result)
@@ -252,23 +253,25 @@ def _arm_config(base: dict, arm: Arm, arm_dir: Path, group: str, options: dict) 
         short = spec["class_path"].rsplit(".", 1)[-1]
         if short == "HeadRestrictedFinetuning":
             continue  # the arm decides what trains
-        if short in _DIRPATH_CALLBACKS:
-            spec.setdefault("init_args", {})["dirpath"] = str(arm_dir / _DIRPATH_CALLBACKS[short])
+        if short in _PER_RUN_CALLBACKS:
+            spec["init_args"].pop("dirpath", None)
         callbacks.append(spec)
     shorts = {c["class_path"].rsplit(".", 1)[-1] for c in callbacks}
     # The report reads these files; every arm has them even when the shared config does not.
     if "HeadActivationMonitor" not in shorts:
-        callbacks.append({"class_path": MONITOR, "init_args": {"dirpath": str(arm_dir / "heads")}})
+        callbacks.append({"class_path": MONITOR})
     if "FitSummary" not in shorts:
         callbacks.append({"class_path": SUMMARY})
-    restricted = arm.callback(**options, dirpath=str(arm_dir / "heads"))
+    restricted = arm.callback(**options)
     if restricted:
         callbacks.append(restricted)
     callbacks.append({"class_path": ARM_STATS, "init_args": {"path": str(arm_dir / "arm_stats.json")}})
 
     logger = base["logger"] if isinstance(base["logger"], dict) else {}
     logger_args = dict(logger.get("init_args") or {}) if logger.get("class_path", "").endswith("WandbLogger") else {}
-    logger_args.update(save_dir=str(arm_dir), name=arm.spec, group=group)
+    # save_dir null, not absent: a later config merges into the shared config's logger arguments, and
+    # null lets `lit_heads fit` point it at the arm's run folder like every other output.
+    logger_args.update(save_dir=None, name=arm.spec, group=group)
     return {"trainer": {
         "default_root_dir": str(arm_dir),
         "logger": {"class_path": "lit_heads.loggers.WandbLogger", "init_args": logger_args},

@@ -7,10 +7,11 @@ import random
 from itertools import chain, zip_longest
 
 import lightning as L
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
 from lit_heads.data.collate import PromptEncoder, SFTCollator, pad_token_id
-from lit_heads.data.readers import load_examples
+from lit_heads.data.readers import is_hub_source, load_examples
 from lit_heads.data.records import Example, check_format_name
 from lit_heads.data.resumable_sampler import ResumableDataLoader, ResumableRandomSampler
 from lit_heads.data.tasks import generate_task, get_task
@@ -40,6 +41,18 @@ def load_source(source: str, size: int, seed: int, format: str = "auto", split: 
     if tasks is None:
         return load_examples(source, format, split=split)
     return _interleave([generate_task(t, n, seed) for t, n in zip(tasks, _shares(size, len(tasks)))])
+
+
+def check_data_sources(config) -> None:
+    """Fail now on a data config that cannot work: an unknown format name or generated task, a missing
+    file, or a file with a record of no known format (or any other bad record). Local files are read
+    and converted whole (cheap next to tokenizing); hub data sets are only checked when loaded.
+    `config` is the `data` section (SFTDataModule's arguments, a dict or jsonargparse Namespace)."""
+    fmt = check_format_name(config.get("format") or "auto")
+    for source in (config.get("train"), config.get("val"), config.get("test")):
+        if source is None or parse_generated(source) is not None or is_hub_source(source):
+            continue
+        load_examples(source, fmt)
 
 
 def _shares(total: int, parts: int) -> list[int]:
@@ -87,8 +100,8 @@ class SFTDataModule(L.LightningDataModule):
             train_size: Number of training examples for `generated:` sources, in total, split evenly over
                 the listed tasks.
             val_size: Number of validation (and test) examples for `generated:` sources, in total.
-            format: Record format: auto (detect from keys), prompt_response, question_answer, alpaca or
-                messages.
+            format: Record format: auto (detect from keys), prompt_response, question_answer, alpaca,
+                messages or sharegpt.
             max_length: Maximum tokens per sample; longer samples lose the end of their response (counted
                 and reported). A prompt that leaves no room for the response is an error.
             batch_size: Samples per batch.
@@ -197,14 +210,14 @@ class SFTDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
 
-    def _loader(self, data: list[dict], shuffle: bool) -> DataLoader:
+    def _loader(self, data: list[dict], shuffle: bool, sampler=None) -> DataLoader:
         # Resumable: the shuffle order is a function of (seed, epoch) and the loader's position goes
         # into every checkpoint, so a run resumed mid-epoch trains on the same batches as an
         # uninterrupted one (lit_heads/data/resumable_sampler.py).
         return ResumableDataLoader(
             data,
             batch_size=self.batch_size,
-            sampler=ResumableRandomSampler(data, self.seed) if shuffle else None,
+            sampler=ResumableRandomSampler(data, self.seed) if shuffle else sampler,
             collate_fn=SFTCollator(pad_token_id(self.tokenizer)),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -214,22 +227,36 @@ class SFTDataModule(L.LightningDataModule):
         self._ensure_setup()
         return self._loader(self._train_data, shuffle=True)
 
+    def _eval_loader(self, data: list[dict]) -> DataLoader:
+        # Under DDP each rank evaluates its own share, each sample exactly once: Lightning's default
+        # DistributedSampler pads the set with repeated samples to an equal count per rank, which
+        # would count those twice in the validation loss. (Ranks may run one batch more or fewer;
+        # only DDP's first no-grad forward syncs buffers, so each rank needs one sample at least.)
+        trainer = self.trainer
+        if trainer is None or trainer.world_size < 2 or len(data) < trainer.world_size:
+            return self._loader(data, shuffle=False)
+        sampler = UnrepeatedDistributedSampler(data, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False)
+        return self._loader(data, shuffle=False, sampler=sampler)
+
     def val_dataloader(self) -> DataLoader | list:
         self._ensure_setup()
         # No validation data (val_split=0): an empty list makes Lightning skip validation.
-        return self._loader(self._val_data, shuffle=False) if self._val_data else []
+        return self._eval_loader(self._val_data) if self._val_data else []
 
     def test_dataloader(self) -> DataLoader | list:
         self._ensure_setup()
         if self._test_data is None:
             return self.val_dataloader()
-        return self._loader(self._test_data, shuffle=False)
+        return self._eval_loader(self._test_data)
 
     def make_dataloader(self, examples: list[Example], shuffle: bool = False) -> DataLoader:
         """A loader over any examples (e.g. one task's, for head scoring), encoded like training data."""
         return self._loader(self.encoder.encode_all(examples, "extra")[0], shuffle=shuffle)
 
-    def generation_examples(self, n: int) -> list[Example]:
-        """The first `n` validation examples (fixed for a given config; generated tasks alternate)."""
+    def generation_examples(self, n: int, split: str = "val") -> list[Example]:
+        """The first `n` examples of `split`, 'val' or 'test' (the validation examples when there is no
+        test set); fixed for a given config, generated tasks alternate."""
         self._ensure_setup()
+        if split == "test" and self.test_examples is not None:
+            return self.test_examples[:n]
         return self.val_examples[:n]

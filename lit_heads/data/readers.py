@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lit_heads.data.records import Example, check_format_name, record_to_example
+from lit_heads.data.records import Example, check_format_name, record_to_example, short_repr
 from lit_heads.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,9 @@ def _decode(path: Path) -> str:
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[Any, str]]:
-    for number, line in enumerate(_decode(path).splitlines(), start=1):
+    # Records end at "\n" only: str.splitlines() also splits on U+2028, U+0085 and other characters
+    # that valid JSON may hold raw inside a string. A "\r" before the "\n" is JSON whitespace.
+    for number, line in enumerate(_decode(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -56,7 +58,12 @@ def _read_json(path: Path) -> Iterator[tuple[Any, str]]:
         data = json.loads(_decode(path))
     except json.JSONDecodeError as err:
         raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno}). Fix the file.") from None
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
+    if isinstance(data, dict) and "data" in data:
+        if not isinstance(data["data"], list):
+            raise DataError(
+                f"{path}: the file's 'data' field must be a list of records, but it is "
+                f"{type(data['data']).__name__} ({short_repr(data['data'])}). Make 'data' a list: {{\"data\": [{{...}}, {{...}}]}}."
+            )
         data = data["data"]
     if not isinstance(data, list):
         shape = f"an object with keys {sorted(data)}" if isinstance(data, dict) else type(data).__name__
@@ -86,6 +93,12 @@ _READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parque
 def looks_like_hub_id(name: str) -> bool:
     """True for 'owner/name' (or 'owner/name:config') that is not obviously a local file name."""
     return bool(_HUB_ID.match(name)) and not name.lower().endswith(_DATA_SUFFIXES)
+
+
+def is_hub_source(source: str | Path) -> bool:
+    """Whether `read_records` would load `source` from the hub (no local file or folder of that name)."""
+    path = Path(source).expanduser()
+    return not path.is_file() and not path.is_dir() and looks_like_hub_id(str(source))
 
 
 def _read_hub(name: str, split: str) -> Iterator[tuple[Any, str]]:
@@ -121,7 +134,7 @@ def read_records(source: str | Path, split: str = "train") -> list[tuple[Any, st
         return list(reader(path))
     if path.is_dir():
         raise DataError(f"{path} is a directory; give a data file ({', '.join(SUPPORTED_SUFFIXES)}) inside it.")
-    if looks_like_hub_id(str(source)):
+    if is_hub_source(source):
         return list(_read_hub(str(source), split))
     raise DataError(
         f"Data file {path} does not exist. Check the path (relative paths are resolved from {Path.cwd()}), "

@@ -37,32 +37,41 @@ class Example:
 
 
 # Checked in this order by auto-detection; the first whose required keys are all present wins.
-# "messages" goes first because chat exports often carry a stray "prompt" or "question" column too.
+# The chat formats go first because chat exports often carry a stray "prompt" or "question" column too.
 FORMATS: dict[str, str] = {
     "messages": "messages (a list of {role, content}; the last assistant message is the response)",
+    "sharegpt": "conversations (a list of {from: human|gpt|system, value}; the last gpt turn is the response)",
     "alpaca": "instruction, output (and optional input)",
     "prompt_response": "prompt, response (or completion)",
     "question_answer": "question, answer (GSM8K style: the final '#### N' line is the answer)",
 }
+# The keys each format needs (alternatives in one tuple), in detection order.
+_REQUIRED: dict[str, list[tuple[str, ...]]] = {
+    "messages": [("messages",)],
+    "sharegpt": [("conversations",)],
+    "alpaca": [("instruction",), ("output",)],
+    "prompt_response": [("prompt",), ("response", "completion")],
+    "question_answer": [("question",), ("answer",)],
+}
+# ShareGPT speaker names -> chat-template roles.
+_SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 
 
 def _format_list() -> str:
     return "; ".join(f"'{name}': {keys}" for name, keys in FORMATS.items())
 
 
+def _missing_keys(record: dict[str, Any], fmt: str) -> list[str]:
+    return [" or ".join(alts) for alts in _REQUIRED[fmt] if not any(k in record for k in alts)]
+
+
 def detect_format(record: dict[str, Any], where: str = "a record") -> str:
     """Name of the format whose keys `record` has, or DataError listing the formats and the keys seen."""
-    keys = set(record)
-    if "messages" in keys:
-        return "messages"
-    if {"instruction", "output"} <= keys:
-        return "alpaca"
-    if "prompt" in keys and ({"response", "completion"} & keys):
-        return "prompt_response"
-    if {"question", "answer"} <= keys:
-        return "question_answer"
+    for fmt in FORMATS:
+        if not _missing_keys(record, fmt):
+            return fmt
     raise DataError(
-        f"{where}: cannot tell the record format from its keys {sorted(keys)}. Known formats and the keys "
+        f"{where}: cannot tell the record format from its keys {sorted(record)}. Known formats and the keys "
         f"they need: {_format_list()}. Rename the columns to one of these, or pass format= explicitly."
     )
 
@@ -90,7 +99,7 @@ def _field(record: dict, key: str, where: str, *, optional: bool = False) -> str
         return None
     if not isinstance(value, str):
         raise DataError(
-            f"{where}: field '{key}' must be a string, but it is {type(value).__name__} ({_short(value)}). "
+            f"{where}: field '{key}' must be a string, but it is {type(value).__name__} ({short_repr(value)}). "
             f"Fix that record so '{key}' holds text."
         )
     return value
@@ -104,7 +113,7 @@ def _answer_field(record: dict, key: str, where: str, *, optional: bool = True) 
     return _field(record, key, where, optional=optional)
 
 
-def _short(value: Any) -> str:
+def short_repr(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -113,14 +122,33 @@ def _messages(value: Any, where: str) -> Messages:
     if not isinstance(value, list) or not value:
         raise DataError(
             f"{where}: 'messages' must be a non-empty list of {{'role': ..., 'content': ...}} dicts, but it is "
-            f"{_short(value)}."
+            f"{short_repr(value)}."
         )
     for i, message in enumerate(value):
         if not (isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
             raise DataError(
-                f"{where}: message {i} must be a dict with string 'role' and 'content', but it is {_short(message)}."
+                f"{where}: message {i} must be a dict with string 'role' and 'content', but it is {short_repr(message)}."
             )
     return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _sharegpt(value: Any, where: str) -> Messages:
+    """ShareGPT turns ({from: human|gpt|system, value}) as chat messages ({role: user|assistant|system, content})."""
+    if not isinstance(value, list) or not value:
+        raise DataError(
+            f"{where}: 'conversations' must be a non-empty list of {{'from': ..., 'value': ...}} dicts, but it is "
+            f"{short_repr(value)}."
+        )
+    messages = []
+    for i, turn in enumerate(value):
+        speaker = turn.get("from") if isinstance(turn, dict) else None
+        if speaker not in _SHAREGPT_ROLES or not isinstance(turn.get("value"), str):
+            raise DataError(
+                f"{where}: conversation turn {i} must be a dict with 'from' one of {sorted(_SHAREGPT_ROLES)} and a "
+                f"string 'value', but it is {short_repr(turn)}."
+            )
+        messages.append({"role": _SHAREGPT_ROLES[speaker], "content": turn["value"]})
+    return messages
 
 
 def record_to_example(record: Any, fmt: str = "auto", where: str = "a record") -> Example:
@@ -138,55 +166,63 @@ def record_to_example(record: Any, fmt: str = "auto", where: str = "a record") -
 
 def _record_to_example(record: Any, fmt: str, where: str) -> Example:
     if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object (a dict of fields), got {type(record).__name__} ({_short(record)}).")
+        raise DataError(f"{where}: expected a JSON object (a dict of fields), got {type(record).__name__} ({short_repr(record)}).")
     if fmt == "auto":
         fmt = detect_format(record, where)
     else:
         check_format_name(fmt)
-        needed = {
-            "messages": [("messages",)],
-            "alpaca": [("instruction",), ("output",)],
-            "prompt_response": [("prompt",), ("response", "completion")],
-            "question_answer": [("question",), ("answer",)],
-        }[fmt]
-        missing = [" or ".join(alts) for alts in needed if not any(k in record for k in alts)]
+        missing = _missing_keys(record, fmt)
         if missing:
             raise DataError(
                 f"{where}: format '{fmt}' was requested but the record lacks {missing}; its keys are "
                 f"{sorted(record)}. Known formats: {_format_list()}."
             )
 
-    answer = _answer_field(record, "answer", where) if fmt != "question_answer" else None
-    task = _field(record, "task", where, optional=True)
+    if fmt == "question_answer":
+        # The answer text is the response; GSM8K's '#### N' gives the checkable answer.
+        response = _answer_field(record, "answer", where, optional=False)
+        final = parse_gsm8k_answer(response)
+        task = _field(record, "task", where, optional=True)
+        if final is not None:
+            return Example(_field(record, "question", where), response, final, task or "gsm8k", where)
+        return Example(_field(record, "question", where), response, response.strip(), task or "custom", where)
 
-    if fmt == "messages":
-        messages = _messages(record["messages"], where)
+    prompt, response = _prompt_and_response(record, fmt, where)
+    answer = _answer_field(record, "answer", where)
+    task = _field(record, "task", where, optional=True)
+    final = _final_gsm8k_line(response) if answer is None else None
+    if final is not None:
+        return Example(prompt, response, final, task or "gsm8k", where)
+    return Example(prompt, response, answer, task or "custom", where)
+
+
+def _final_gsm8k_line(response: str) -> str | None:
+    """N when the response ends in GSM8K's '#### N' line (the same parse as question/answer records)."""
+    final = parse_gsm8k_answer(response)
+    return final if final and "\n" not in final else None
+
+
+def _prompt_and_response(record: dict, fmt: str, where: str) -> tuple[str | Messages, str]:
+    if fmt in ("messages", "sharegpt"):
+        messages = _messages(record["messages"], where) if fmt == "messages" else _sharegpt(record["conversations"], where)
         last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
         if last is None or last == 0:
             raise DataError(
-                f"{where}: 'messages' needs at least one message before an assistant message (the response); "
-                f"roles seen: {[m['role'] for m in messages]}."
+                f"{where}: '{_REQUIRED[fmt][0][0]}' needs at least one message before an assistant message (the "
+                f"response); roles seen: {[m['role'] for m in messages]}."
             )
-        return Example(messages[:last], messages[last]["content"], answer, task or "custom", where)
+        return messages[:last], messages[last]["content"]
 
     if fmt == "alpaca":
         instruction = _field(record, "instruction", where)
         extra = _field(record, "input", where, optional=True)
         prompt = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
-        return Example(prompt, _field(record, "output", where), answer, task or "custom", where)
+        return prompt, _field(record, "output", where)
 
-    if fmt == "prompt_response":
-        prompt = record["prompt"]
-        prompt = _messages(prompt, where) if isinstance(prompt, list) else _field(record, "prompt", where)
-        key = "response" if "response" in record else "completion"
-        return Example(prompt, _field(record, key, where), answer, task or "custom", where)
-
-    # question_answer: the answer text is the response; GSM8K's '#### N' gives the checkable answer.
-    response = _answer_field(record, "answer", where, optional=False)
-    final = parse_gsm8k_answer(response)
-    if final is not None:
-        return Example(_field(record, "question", where), response, final, task or "gsm8k", where)
-    return Example(_field(record, "question", where), response, response.strip(), task or "custom", where)
+    # prompt_response
+    prompt = record["prompt"]
+    prompt = _messages(prompt, where) if isinstance(prompt, list) else _field(record, "prompt", where)
+    return prompt, _field(record, "response" if "response" in record else "completion", where)
 
 
 def example_to_record(example: Example) -> dict[str, Any]:
