@@ -175,6 +175,18 @@ def test_config_validation_names_the_problem():
         StudyConfig(ap_samples=12).validate()
     with pytest.raises(ConfigError, match=r"must name exactly the basic tasks .*missing: \['string'\]"):
         StudyConfig(basic_train_sizes={"arithmetic": 10, "code": 10}).validate()
+    with pytest.raises(ConfigError, match=r"ablate_k=\[0, 3\], ablate_seeds=\[0, 1, 2\]: .*whole number of heads >= 1"):
+        StudyConfig(ablate_k=[0, 3]).validate()
+    with pytest.raises(ConfigError, match=r"ablate_seeds=\[\]: .*one or more distinct seeds"):
+        StudyConfig(ablate_seeds=[]).validate()
+    with pytest.raises(ConfigError, match=r"ablate_mask='half'; use one of \['zero', 'mean'\]"):
+        StudyConfig(ablate_mask="half").validate()
+    with pytest.raises(ConfigError, match=r"'top_k': 0"):
+        StudyConfig(top_k=0).validate()
+    with pytest.raises(ConfigError, match=r"^restricted_top_k=27, ablate_k=\[1, 3, 9, 27\]: larger than the 24 attention "
+                                          r"heads of m; every k of the study .* must be from 1 to 24\.$"):
+        StudyConfig().check_heads("m", 24)
+    StudyConfig().check_heads("m", 27)  # k equal to the number of heads is allowed
     with pytest.raises(ConfigError, match="model is an empty list"):
         StudyConfig(model=[]).validate()
     with pytest.raises(ConfigError, match="run folders .* collide"):
@@ -201,6 +213,90 @@ def test_bad_study_input_exits_2_before_anything_is_written(tmp_path, capsys, ar
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_k_larger_than_the_heads_exits_2_before_the_model_loads(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    from lit_heads import module
+    from lit_heads.cli import main as cli_main
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the k were checked")
+
+    monkeypatch.setattr(module.SFTModule, "__init__", no_loading)
+    out = tmp_path / "study"
+    fitting = ["--top_k", "4", "--restricted_top_k", "2", "--ablate_k", "[1, 2]"]  # the tiny model has 2 x 4 heads
+    for args, named in ((["--ablate_k", "[1, 9]"], "ablate_k=[1, 9]"), (["--top_k", "9"], "top_k=9"),
+                        (["--restricted_top_k", "10"], "restricted_top_k=10")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(["study", "--model", str(tiny_llama_dir), "--output", str(out), *fitting, *args])
+        assert exit_info.value.code == 2
+        assert f"{named}: larger than the 8 attention heads of {tiny_llama_dir}" in capsys.readouterr().err
+        assert not out.exists()
+
+
+def test_lengths_that_would_cut_a_sample_or_an_answer_are_refused(bundled_tokenizer):
+    import copy
+
+    from lit_heads.analysis.study import generated_tasks
+    from lit_heads.analysis.study.tasks import check_fits
+    from lit_heads.data.collate import PromptEncoder
+
+    cfg = StudyConfig(**TINY).validate()
+    tasks = generated_tasks(cfg)
+    plain = copy.deepcopy(bundled_tokenizer)
+    plain.chat_template = None
+    for tok in (bundled_tokenizer, plain):
+        # The training encoding of every sample the study uses, at a length that cuts nothing.
+        whole = PromptEncoder(tok, 10_000)
+        longest = max(len(whole.encode(e)[0]["input_ids"]) for t in tasks.values()
+                      for e in (*t.train, *t.heldout, *t.causal))
+        answer = max(len(whole.encode(e)[0]["input_ids"]) - len(whole.prompt_ids(e))
+                     for e in tasks["multistep_code"].heldout[: cfg.eval_samples])
+        fits = StudyConfig(**{**TINY, "max_length": longest, "max_new_tokens": answer})
+        assert check_fits(fits, tasks, PromptEncoder(tok, longest), "m") == {"longest_sample": longest,
+                                                                            "longest_answer": answer}
+        with pytest.raises(ConfigError, match=rf"max_length={longest - 1} would cut .* needs {longest} tokens"):
+            check_fits(StudyConfig(**{**TINY, "max_length": longest - 1}), tasks, PromptEncoder(tok, longest - 1), "m")
+        with pytest.raises(ConfigError, match=rf"max_new_tokens={answer - 1} would cut graded answers of multistep_code "
+                                              rf"for m .*Set max_new_tokens: {answer} or more"):
+            check_fits(StudyConfig(**{**TINY, "max_new_tokens": answer - 1}), tasks, PromptEncoder(tok, 10_000), "m")
+        if tok is bundled_tokenizer:
+            with_template = longest
+    assert longest < with_template  # no chat template, no system prompt: the same samples are shorter
+
+
+def test_causal_check_masks_what_each_ranking_and_seed_choose(tiny_llama_dir):
+    from lit_heads.analysis.study import StudyRunner, causal_check, generated_tasks, rankings
+    from lit_heads.analysis.study.causal import n_evaluations, passes
+    from lit_heads.heads.ablation import HeadMask, head_output_means
+
+    cfg = StudyConfig(model=str(tiny_llama_dir), **TINY).validate()
+    runner = StudyRunner(cfg)
+    task = generated_tasks(cfg)["multistep_code"]
+    before, after = torch.rand(2, 4), torch.rand(2, 4)
+    scores = rankings({"full": before}, {"full": after})
+    assert torch.equal(scores["abs_delta"], (after - before).abs()) and torch.equal(scores["ap"], after)
+    out = causal_check(runner, task, scores)
+    assert len(out["rankings"]["ap"]["rows"]) + 2 * 2 + 1 == n_evaluations([1, 2], [0, 1]) == 1 + 2 * (2 + 4)
+    batches = list(runner.ap_data.make_dataloader(task.causal))
+    means = head_output_means(runner.module.model, batches)
+    for name, pattern in scores.items():
+        order = [divmod(i, 4) for i in torch.argsort(pattern.flatten(), descending=True, stable=True).tolist()]
+        for row in out["rankings"][name]["rows"]:
+            if row["selection"] == "random":
+                continue
+            expected = order[: row["k"]] if row["selection"] == "top" else order[::-1][: row["k"]]
+            assert sorted(map(tuple, row["heads"])) == sorted(expected)
+            with HeadMask(runner.module.model, expected, mode="mean", means=means):
+                assert row["loss"] == pytest.approx(runner.module.evaluate_loss(batches), rel=1e-5)
+    assert out["base"]["loss"] == pytest.approx(runner.module.evaluate_loss(batches), rel=1e-5)
+    summary = [{"k": 1, "top": {"loss_increase": {"mean": 0.3}}, "random": {"loss_increase": {"mean": 0.1, "max": 0.4}}},
+               {"k": 2, "top": {"loss_increase": {"mean": 0.5}}, "random": {"loss_increase": {"mean": 0.2, "max": 0.3}}}]
+    verdict = passes(summary)
+    assert verdict["all"] and [v["above_every_seed"] for v in verdict["per_k"]] == [False, True]
+    assert verdict["per_k"][0]["top_minus_random"] == pytest.approx(0.2)
+    summary[1]["top"]["loss_increase"]["mean"] = 0.1
+    assert not passes(summary)["all"]
 
 
 def _no_cuda(monkeypatch):
@@ -257,6 +353,11 @@ def test_budget_grows_with_the_work_and_profiles_fit_their_limits():
     assert plan_budget(default, True)["eta_s"] > plan_budget(default, False)["eta_s"]
     budget = plan_budget(default, True)
     assert sum(budget["stages"].values()) == budget["eta_s"] and set(budget["stages"]) >= {"finding1", "application", "real"}
+    # The causal check: one loss over the samples per evaluation (1 unmasked, per k the random seeds and the
+    # top and bottom of 2 rankings), plus the forward pass of the mean ablation's means.
+    evaluations = 1 + len(default.ablate_k) * (len(default.ablate_seeds) + 4)
+    assert budget["loss_samples"] == (evaluations + 1) * default.ablate_samples
+    assert budget["stages"]["ablation"] == round(budget["loss_samples"] * default.sec_per_loss_sample)
 
 
 def test_probe_modes_cost_what_they_score():
@@ -321,7 +422,20 @@ def _check_outputs(out: Path, cfg: dict) -> dict:
         assert (out / "patterns" / f"{task}_delta.safetensors").is_file()
     over = results["finding3"]["over_steps"]
     assert over["steps"][0] == 0 and over["steps"][-1] == cfg["sft_steps"] and over["mse_vs_final"][-1] == 0
-    for fig in ("patterns", "similarity_delta", "residual", "pattern_change", "application"):
+    ablation = results["ablation"]
+    ks, seeds = sorted(set(cfg["ablate_k"])), cfg["ablate_seeds"]
+    assert set(ablation["rankings"]) == {"ap", "abs_delta"} and ablation["k"] == ks
+    random_rows = [[(r["seed"], r["k"], r["heads"]) for r in ranking["rows"] if r["selection"] == "random"]
+                   for ranking in ablation["rankings"].values()]
+    assert random_rows[0] == random_rows[1] and len(random_rows[0]) == len(ks) * len(seeds)  # shared random heads
+    for ranking in ablation["rankings"].values():
+        assert len(ranking["rows"]) == len(ks) * (len(seeds) + 2)
+        for row in ranking["rows"]:
+            assert row["loss_increase"] == pytest.approx(row["loss"] - ablation["base"]["loss"])
+            assert len(row["heads"]) == row["k"]
+        assert [e["k"] for e in ranking["summary"]] == ks and [v["k"] for v in ranking["passes"]["per_k"]] == ks
+    for fig in ("patterns", "similarity_delta", "residual", "pattern_change", "application", "ablation_ap",
+                "ablation_abs_delta"):
         assert (out / "figures" / f"{fig}.png").stat().st_size > 1000
     report = (out / "report.md").read_text()
     for paper_number in ("0.97", "0.95", "0.50 → 0.33", "28.68", "36.82", "52.33"):
@@ -329,15 +443,17 @@ def _check_outputs(out: Path, cfg: dict) -> dict:
     assert "Where ours differ" in report
     assert "Noise ceiling**, defined" in report and "Which probe the paper's description matches" in report
     assert "size-weighted mix → complex" in report and "| AP-guided − random mix |" in report
+    assert "## Causal check" in report and "### Ranked by |ΔAP| (after − before SFT)" in report
+    assert f"unmasked: {results['ablation']['base']['loss']:.4f}" in report
     assert PAPER["application_math_benchmark"]["Llama3-8B"] == [46.12, 49.22, 50.10, 52.33]
     return results
 
 
-TINY = dict(basic_tasks=["multistep", "code", "string"], complex_task="multistep_code", real_data="off", max_length=160,
+TINY = dict(basic_tasks=["multistep", "code", "string"], complex_task="multistep_code", real_data="off", max_length=208,
             batch_size=2, warmup_steps=1, ap_samples=8, ap_batch_size=4, sft_steps=2, top_k=4, track_every=1,
-            track_samples=2, restricted_top_k=2, restricted_random=True, eval_samples=2, max_new_tokens=4,
+            track_samples=2, restricted_top_k=2, restricted_random=True, eval_samples=2, max_new_tokens=64,
             complex_train_size=4, mix_steps=1, complex_steps=1, basic_train_sizes={"multistep": 40, "code": 20, "string": 10},
-            seeds=[0, 1], progress_bar=False)
+            seeds=[0, 1], ablate_k=[1, 2], ablate_seeds=[0, 1], ablate_samples=3, progress_bar=False)
 
 
 def test_runner_restarts_every_arm_from_the_base_weights(tiny_llama_dir):
@@ -347,15 +463,21 @@ def test_runner_restarts_every_arm_from_the_base_weights(tiny_llama_dir):
     runner = StudyRunner(cfg)
     base = {k: v.clone() for k, v in runner.module.model.state_dict().items()}
     tasks = generated_tasks(cfg)
-    assert not {e.prompt for e in tasks["math_code"].train} & {e.prompt for e in tasks["math_code"].heldout}
-    runner.train(tasks["arithmetic"].train[:4], 2, seed=0)
+    complex_task = tasks["multistep_code"]
+    parts = [{e.prompt for e in part} for part in (complex_task.train, complex_task.heldout, complex_task.causal)]
+    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    assert len(complex_task.causal) == TINY["ablate_samples"] and all(not t.causal for t in tasks.values() if t.kind == "basic")
+    assert runner.state == "base"
+    runner.train(tasks["multistep"].train[:4], 2, seed=0, label="trained")
+    assert runner.state == "trained"
     assert any(not torch.equal(base[k], v) for k, v in runner.module.model.state_dict().items())
     runner.reset()
+    assert runner.state == "base"
     assert all(torch.equal(base[k], v) for k, v in runner.module.model.state_dict().items())
     halves = runner.halves(tasks["code"].heldout[:4])
     # The whole set's AP is the mean of its two equal halves (AP is a per-sample mean).
     assert torch.allclose(halves["full"], (halves["a"] + halves["b"]) / 2)
-    assert 0.0 <= runner.accuracy(tasks["math_code"].heldout[:2]) <= 1.0
+    assert 0.0 <= runner.accuracy(tasks["multistep_code"].heldout[:2]) <= 1.0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -365,22 +487,26 @@ def test_runner_trains_scores_and_generates_on_the_configured_gpu(tiny_llama_dir
     cfg = StudyConfig(model=str(tiny_llama_dir), device="cuda", **TINY).validate()
     runner = StudyRunner(cfg)
     tasks = generated_tasks(cfg)
-    runner.train(tasks["arithmetic"].train[:4], 2, seed=0)
+    runner.train(tasks["multistep"].train[:4], 2, seed=0)
     # Lightning's teardown moves the module to the CPU; the runner must bring it back.
     assert {p.device for p in runner.module.parameters()} == {torch.device("cuda", 0)}
     runner.reset()
     assert {p.device for p in runner.module.parameters()} == {torch.device("cuda", 0)}
     assert torch.isfinite(runner.halves(tasks["code"].heldout[:4])["full"]).all()
-    assert 0.0 <= runner.accuracy(tasks["math_code"].heldout[:2]) <= 1.0
+    assert 0.0 <= runner.accuracy(tasks["multistep_code"].heldout[:2]) <= 1.0
 
 
 @pytest.fixture(scope="module")
 def tiny_gemma_dir(tmp_path_factory, bundled_tokenizer):
-    """A second family next to tiny_llama_dir: a 2-layer Gemma (one KV head, head_dim 16)."""
+    """A second family next to tiny_llama_dir: a 2-layer Gemma (one KV head, head_dim 16) whose tokenizer has
+    no chat template, as Gemma 3 270M's has none (prompts are plain 'prompt\\n', responses end with EOS)."""
+    import copy
+
     from tiny_models import tiny_model
 
     path = tmp_path_factory.mktemp("tiny-gemma")
-    tok = bundled_tokenizer
+    tok = copy.deepcopy(bundled_tokenizer)
+    tok.chat_template = None
     model = tiny_model("gemma", attn_implementation="sdpa", vocab_size=len(tok), bos_token_id=tok.bos_token_id,
                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     model.save_pretrained(path)
@@ -401,7 +527,10 @@ def test_whole_study_on_two_tiny_models_side_by_side(tiny_llama_dir, tiny_gemma_
     assert printed.index(f"plan for {tiny_gemma_dir}") < printed.index("2 models, estimated") < printed.index("[study] SFT on")
     for model_dir in (tiny_llama_dir, tiny_gemma_dir):
         results = _check_outputs(out / model_dir.name, TINY)
-        assert results["model"] == {"name": str(model_dir), "layers": 2, "heads": 4}
+        assert {k: results["model"][k] for k in ("name", "layers", "heads")} == {"name": str(model_dir), "layers": 2,
+                                                                              "heads": 4}
+        # Gemma 3's tokenizer has no chat template: the study must run on plain prompts too.
+        assert results["model"]["chat_template"] is (model_dir == tiny_llama_dir)
         restricted = results["finding3"]["restricted"]
         assert set(restricted["arms"]) == {"top", "random"}
         assert all(0 < a["trainable_fraction"] < 0.5 and len(a["heads"]) == 2 for a in restricted["arms"].values())
@@ -413,6 +542,7 @@ def test_whole_study_on_two_tiny_models_side_by_side(tiny_llama_dir, tiny_gemma_
     assert f"| Finding 2: composition R² (main probe) | 0.97 (math + code), 0.95 | {r2} |" in side
     assert f"| {tiny_llama_dir.name} (2×4 heads) | {tiny_gemma_dir.name} (2×4 heads) |" in side
     assert "probe (c) a fixed mix of all tasks' held-out data" in side and "The runs differ" not in side
+    assert "| Causal check, ranked by AP after SFT: top-k − random-k loss increase | — |" in side
 
     # The same table from the two finished folders, without training anything.
     again = tmp_path / "combined"

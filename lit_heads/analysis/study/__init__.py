@@ -7,6 +7,8 @@
                own task's samples, the complex task's, a fixed mix of all tasks').
     Finding 3  pattern change over the steps of the complex task's SFT, and SFT of only the top-k heads
                against full SFT with a random-k control (`findings`).
+    Causal check  mask the top-k, random-k and bottom-k heads by the complex task's AP and by its |ΔAP| on
+               its fine-tuned model and measure the held-out loss increase (`causal`, `lit_heads ablate`'s logic).
     Application  α → a mix of basic-task data, then the scarce complex data, against complex-only SFT, a
                random mix and a data-size-weighted mix at the same step budget, over seeds, with t-intervals
                and paired differences (`application`).
@@ -27,6 +29,7 @@ The modules, in the order the data flows (each imports only those above it):
     measures     numbers from patterns alone: similarity, composition, change over steps, spread
     findings     the stages of Findings 1 and 3
     application  the data-mixing stage and its arms
+    causal       the causal check of the AP and |ΔAP| rankings (`lit_heads.analysis.ablation`)
     budget       planned work per stage, ETA, and the per-stage clock that re-estimates the time left
     figures      the report's matplotlib figures
     report       report.md
@@ -35,6 +38,7 @@ The modules, in the order the data flows (each imports only those above it):
 
 from lit_heads.analysis.study.application import ARM_LABELS, ARMS, MIX_ARMS, application, mix_weights
 from lit_heads.analysis.study.budget import Clock, plan_budget
+from lit_heads.analysis.study.causal import RANKINGS, causal_check, rankings
 from lit_heads.analysis.study.config import PROBES, StudyConfig, resolve_device
 from lit_heads.analysis.study.findings import finding1, finding3_restricted
 from lit_heads.analysis.study.measures import (
@@ -48,8 +52,8 @@ from lit_heads.analysis.study.tasks import Task, generated_tasks, probe, real_ta
 from lit_heads.analysis.study.tracker import PatternTracker
 
 __all__ = [
-    "ARMS", "ARM_LABELS", "MIX_ARMS", "PAPER", "PROBES", "Clock", "PatternTracker", "StudyConfig", "StudyRunner", "Task",
-    "application", "change_over_steps", "composition", "cross_half_r2", "finding1", "finding3_restricted",
+    "ARMS", "ARM_LABELS", "MIX_ARMS", "PAPER", "PROBES", "RANKINGS", "Clock", "PatternTracker", "StudyConfig",
+    "StudyRunner", "Task", "application", "causal_check", "rankings", "change_over_steps", "composition", "cross_half_r2", "finding1", "finding3_restricted",
     "generated_tasks", "mix_weights", "paired", "plan_budget", "probe", "real_tasks", "resolve_device", "run_study",
     "similarity", "specificity", "summary", "trainer_device", "write_report", "write_side_by_side",
 ]

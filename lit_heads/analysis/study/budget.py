@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 from lit_heads.analysis.study.application import ARMS
+from lit_heads.analysis.study.causal import n_evaluations
 from lit_heads.analysis.study.config import StudyConfig
 
 # Stage keys in the order the study runs them, with the names printed and written to results.json.
@@ -14,6 +15,7 @@ STAGES = {
     "base": "base accuracy",
     "finding1": "finding 1 (patterns before/after SFT, every probe)",
     "finding2": "finding 2 (composition, every probe)",
+    "ablation": "causal check (masking heads ranked by AP and |ΔAP|)",
     "finding3": "finding 3 (change over steps, head-restricted SFT)",
     "application": "application (mixes over seeds)",
     "real": "real tasks (findings 1-2)",
@@ -33,8 +35,8 @@ def distinct_probes(cfg: StudyConfig) -> tuple[int, int]:
 
 
 def plan_budget(cfg: StudyConfig, real: bool) -> dict:
-    """Planned work per stage (SFT steps, pattern samples, graded answers) and the estimated seconds, from
-    the per-unit estimates of the config (measured for the bundled model at max_length)."""
+    """Planned work per stage (SFT steps, pattern samples, graded answers, forward-only loss samples) and the
+    estimated seconds, from the per-unit estimates of the config (measured for the bundled model at max_length)."""
     n_tasks = len(cfg.basic_tasks) + 1
     restricted_runs = 1 + int(cfg.restricted_random)
     n_track = cfg.sft_steps // cfg.track_every + 2
@@ -47,6 +49,9 @@ def plan_budget(cfg: StudyConfig, real: bool) -> dict:
         "finding1": {"steps": n_tasks * cfg.sft_steps, "ap": (before + after) * cfg.ap_samples + n_track * cfg.track_samples,
                      "gen": cfg.eval_samples},
         "finding2": {},
+        # One loss per evaluation over the causal samples, plus the forward pass of the mean ablation's means.
+        "ablation": {"loss": (n_evaluations(cfg.ablate_k, cfg.ablate_seeds) + (cfg.ablate_mask == "mean"))
+                     * cfg.ablate_samples},
         "finding3": {"steps": restricted_runs * cfg.sft_steps, "ap": restricted_runs * cfg.ap_samples,
                      "gen": restricted_runs * cfg.eval_samples},
         "application": {"steps": len(cfg.seeds) * trained_arms * (cfg.mix_steps + cfg.complex_steps),
@@ -54,7 +59,8 @@ def plan_budget(cfg: StudyConfig, real: bool) -> dict:
     }
     if real:
         work["real"] = {"steps": 3 * cfg.real_sft_steps * length, "ap": 6 * cfg.real_ap_samples * length}
-    rate = {"steps": cfg.sec_per_step, "ap": cfg.sec_per_ap_sample, "gen": cfg.sec_per_gen_sample}
+    rate = {"steps": cfg.sec_per_step, "ap": cfg.sec_per_ap_sample, "gen": cfg.sec_per_gen_sample,
+            "loss": cfg.sec_per_loss_sample}
     stages = {k: round(sum(v * rate[u] for u, v in w.items())) for k, w in work.items()}
 
     def total(unit: str, only: tuple[str, ...] | None = None) -> int:
@@ -63,7 +69,7 @@ def plan_budget(cfg: StudyConfig, real: bool) -> dict:
     generated = tuple(k for k in work if k != "real")
     return {"sft_steps": total("steps", generated), "real_sft_steps": cfg.real_sft_steps * 3 if real else 0,
             "ap_samples": total("ap", generated), "real_ap_samples": 6 * cfg.real_ap_samples if real else 0,
-            "generated_answers": total("gen"), "stages": stages, "eta_s": sum(stages.values())}
+            "generated_answers": total("gen"), "loss_samples": total("loss"), "stages": stages, "eta_s": sum(stages.values())}
 
 
 def describe_plan(cfg: StudyConfig, budget: dict, model: str) -> str:
@@ -71,10 +77,12 @@ def describe_plan(cfg: StudyConfig, budget: dict, model: str) -> str:
     per_stage = ", ".join(f"{k} ~{v / 60:.1f}" for k, v in budget["stages"].items() if v)
     return (f"[study] plan for {model}: {budget['sft_steps']} SFT steps, {budget['ap_samples']} pattern samples "
             f"({len(cfg.probes)} probe mode(s): {', '.join(cfg.probes)}), {budget['generated_answers']} graded answers "
-            f"({len(cfg.seeds)} seeds × {len(ARMS) - 1} trained arms)"
+            f"({len(cfg.seeds)} seeds × {len(ARMS) - 1} trained arms), {budget['loss_samples']} sample losses "
+            f"(causal check, k = {sorted(set(cfg.ablate_k))})"
             + (f", real tasks {budget['real_sft_steps']} steps" if budget["real_sft_steps"] else "")
             + f"; estimated {budget['eta_s'] / 60:.1f} min at {cfg.sec_per_step} s/step, {cfg.sec_per_ap_sample} "
-            f"s/pattern sample, {cfg.sec_per_gen_sample} s/answer (minutes per stage: {per_stage})")
+            f"s/pattern sample, {cfg.sec_per_gen_sample} s/answer, {cfg.sec_per_loss_sample} s/sample loss "
+            f"(minutes per stage: {per_stage})")
 
 
 class Clock:

@@ -63,6 +63,13 @@ class StudyConfig:
         seeds: seeds of the application's arms (spread over seeds is reported).
         ci: confidence level of the t-intervals over seeds (mean ± CI, paired differences); null reports
             mean and standard deviation only. A CI needs at least 2 seeds.
+        ablate_k: numbers of heads masked in the causal check of the rankings (top-k, random-k, bottom-k by
+            the complex task's fine-tuned AP and by its |ΔAP|; `lit_heads ablate`'s logic); each at most the
+            model's number of heads.
+        ablate_seeds: seeds of the random-k heads of the causal check.
+        ablate_samples: held-out complex-task samples (disjoint from the probes and the graded ones) whose
+            loss the causal check measures.
+        ablate_mask: 'mean' (a masked head outputs its mean over those samples) or 'zero'.
         real_sft_steps: SFT steps per real task.
         real_ap_samples: held-out samples per real task for its pattern.
         real_max_length: tokens per real-task sample (longer responses are cut; longer prompts dropped).
@@ -70,6 +77,7 @@ class StudyConfig:
         sec_per_step: planning estimate of one SFT step at max_length (for the printed ETA).
         sec_per_ap_sample: planning estimate of scoring one sample's pattern.
         sec_per_gen_sample: planning estimate of generating and grading one answer.
+        sec_per_loss_sample: planning estimate of one sample's loss (a forward pass) in the causal check.
         progress_bar: show Lightning's progress bar while training.
     """
 
@@ -108,6 +116,10 @@ class StudyConfig:
     basic_train_sizes: int | dict[str, int] = 1000
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     ci: float | None = 0.95
+    ablate_k: list[int] = field(default_factory=lambda: [1, 3, 9, 27])
+    ablate_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    ablate_samples: int = 16
+    ablate_mask: str = "mean"
     real_sft_steps: int = 12
     real_ap_samples: int = 16
     real_max_length: int = 320
@@ -115,12 +127,15 @@ class StudyConfig:
     sec_per_step: float = 3.0
     sec_per_ap_sample: float = 0.4
     sec_per_gen_sample: float = 0.5
+    sec_per_loss_sample: float = 0.1
     progress_bar: bool = True
 
     def validate(self) -> "StudyConfig":
+        from lit_heads.analysis.ablation import check_schedule
         from lit_heads.analysis.compose import METHODS
         from lit_heads.analysis.mix import RULES
         from lit_heads.data.tasks import get_task
+        from lit_heads.heads.ablation import MASK_MODES
 
         resolve_device(self.device)
         models = self.models
@@ -171,6 +186,13 @@ class StudyConfig:
             )
         if "mix" in self.probes:
             mix_probe_share(self.ap_samples, len(self.basic_tasks) + 1)
+        try:
+            check_schedule(self.ablate_k, None, ("top", "random", "bottom"), self.ablate_seeds)
+        except ConfigError as err:  # its message names the ablate command's flags; say which field it was
+            raise ConfigError(f"ablate_k={self.ablate_k}, ablate_seeds={self.ablate_seeds}: {err}") from err
+        if self.ablate_mask not in MASK_MODES:
+            raise ConfigError(f"ablate_mask={self.ablate_mask!r}; use one of {list(MASK_MODES)} ('mean': a masked head "
+                              "outputs its mean over the held-out samples, 'zero': nothing).")
         sizes = self.train_sizes()
         too_small = {t: n for t, n in sizes.items() if n < 1}
         if too_small:
@@ -182,12 +204,25 @@ class StudyConfig:
             raise ConfigError(f"{small}: a pattern needs at least 2 samples (two disjoint halves).")
         positive = dict(sft_steps=self.sft_steps, mix_steps=self.mix_steps, complex_steps=self.complex_steps,
                         eval_samples=self.eval_samples, complex_train_size=self.complex_train_size,
-                        gen_batch_size=self.gen_batch_size,
+                        gen_batch_size=self.gen_batch_size, ablate_samples=self.ablate_samples, top_k=self.top_k,
+                        restricted_top_k=self.restricted_top_k,
                         batch_size=self.batch_size, track_every=self.track_every, real_sft_steps=self.real_sft_steps)
         bad = {k: v for k, v in positive.items() if v < 1}
         if bad:
             raise ConfigError(f"{bad}: these must be >= 1.")
         return self
+
+    def check_heads(self, model: str, n_heads: int) -> None:
+        """Refuse every k of the config larger than the model's number of heads (all layers together)."""
+        ks = {"top_k": self.top_k, "restricted_top_k": self.restricted_top_k,
+              "ablate_k": self.ablate_k if max(self.ablate_k) > n_heads else None}
+        too_big = [f"{name}={value}" for name, value in ks.items()
+                   if value is not None and (isinstance(value, list) or value > n_heads)]
+        if too_big:
+            raise ConfigError(
+                f"{', '.join(too_big)}: larger than the {n_heads} attention heads of {model}; every k of the study "
+                f"(top_k, restricted_top_k, each of ablate_k) must be from 1 to {n_heads}."
+            )
 
     @property
     def components(self) -> list[str]:
@@ -256,6 +291,25 @@ def run_folder(model: str) -> str:
     if path.exists():
         return path.stem if path.suffix == ".gguf" else path.resolve().name
     return model.strip("/").replace("/", "--")
+
+
+def model_heads(model: str) -> int | None:
+    """Attention heads of `model` (all layers) from its config alone, on the meta device (no weights), so a k
+    too large is refused before any model loads; None when the config cannot be read without loading (a hub
+    id not in the local cache), and the runner checks after loading."""
+    from transformers import AutoConfig
+
+    from lit_heads.analysis.memory_plan import meta_model
+    from lit_heads.heads import find_heads
+    from lit_heads.models import resolve
+
+    source = resolve(model)
+    try:
+        config = AutoConfig.from_pretrained(source.path)
+    except (OSError, ValueError):
+        return None
+    n_layers, n_heads = find_heads(meta_model(config)).shape
+    return n_layers * n_heads
 
 
 def resolve_device(name: str) -> torch.device:

@@ -24,6 +24,11 @@ from lit_heads.analysis.study.tasks import Task, probe
 from lit_heads.analysis.study.tracker import PatternTracker
 
 
+def full_sft_label(task: str) -> str:
+    """`StudyRunner.state` after Finding 1's SFT on `task`."""
+    return f"full SFT on {task}"
+
+
 def _measure(runner: StudyRunner, sets: dict[str, dict[str, list]], names: list[str],
              ap_data=None) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
     """Patterns of the current model on the probe of every mode for every task in `names`; a probe that is
@@ -66,7 +71,7 @@ def finding1(runner: StudyRunner, tasks: dict[str, Task], steps: int, ap_samples
             callbacks = [PatternTracker(batches, cfg.track_every)]
         print(f"[study] SFT on {name}: {steps} steps", flush=True)
         seconds[name] = runner.train(task.train[: steps * cfg.batch_size], steps, cfg.seed, callbacks=callbacks,
-                                     data=data)
+                                     data=data, label=full_sft_label(name))
         for mode, row in _measure(runner, sets, [name], ap_data).items():
             after[mode][name] = row[name]
         if callbacks:
@@ -83,7 +88,7 @@ def finding1(runner: StudyRunner, tasks: dict[str, Task], steps: int, ap_samples
                                    ("delta", deltas[mode][name])):
                     meta = {"model": str(cfg.model), "data": name, "kind": when, "probe": mode}
                     Pattern(pats["full"], meta).save(folder / f"{name}_{when}.safetensors")
-    k = min(cfg.top_k, runner.n_layers * runner.n_heads)
+    k = cfg.top_k  # at most the number of heads (`StudyConfig.check_heads`)
     names = list(tasks)
     sims = {}
     for which, source in (("delta", deltas[main]), ("after", after[main])):
@@ -114,7 +119,7 @@ def finding3_restricted(runner: StudyRunner, tasks: dict[str, Task], full_delta:
 
     cfg = runner.cfg
     complex_task = tasks[cfg.complex_task]
-    k = min(cfg.restricted_top_k, runner.n_layers * runner.n_heads)
+    k = cfg.restricted_top_k
     arms = {"top": select_heads("top", runner.n_layers, runner.n_heads, top_k=k, scores=full_delta["full"])}
     if cfg.restricted_random:
         arms["random"] = select_heads("random", runner.n_layers, runner.n_heads, top_k=k, seed=cfg.seed)

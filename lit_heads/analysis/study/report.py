@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from lit_heads.analysis.study.application import ARM_LABELS, ARMS, PAPER_ARMS
+from lit_heads.analysis.study.causal import RANKINGS
 from lit_heads.analysis.study.config import run_folder
 from lit_heads.analysis.study.figures import plot_application, plot_over_steps, plot_patterns, plot_similarity
 from lit_heads.analysis.study.paper import PAPER
@@ -249,6 +250,42 @@ def _application_md(app: dict, cfg: dict, model: str, fig_app: str) -> list[str]
     return lines
 
 
+def _causal_view(ablation: dict, name: str) -> dict:
+    """One ranking's part of the causal check in the shape `lit_heads.analysis.ablation` draws and tabulates."""
+    ranking = ablation["rankings"][name]
+    return {"summary": ranking["summary"], "base": ablation["base"], "mask": ablation["mask"],
+            "scores": {"name": ranking["label"]}}
+
+
+def _causal_verdict(ablation: dict, name: str) -> str:
+    """Top-k minus random-k loss increase at the largest k, and whether top-k hurt more at every k."""
+    ranking = ablation["rankings"][name]
+    per_k = ranking["passes"]["per_k"]
+    last = per_k[-1]
+    held = sum(v["above_mean"] for v in per_k)
+    return (f"{last['top_minus_random']:+.3f} at k={last['k']}; top-k above random-k at {held} of {len(per_k)} k"
+            + (", above every random seed at the largest k" if last["above_every_seed"] else ""))
+
+
+def _causal_md(ablation: dict, figures: Path) -> list[str]:
+    from lit_heads.analysis.ablation import markdown_table, plot
+
+    lines = [f"On the complex task's fully fine-tuned model (Finding 1's SFT), {ablation['mask']} ablation at the input "
+             "of the attention output projection (`lit_heads ablate`'s logic), of the top-k and bottom-k heads of "
+             f"each ranking and of k random heads (seeds {ablation['seeds']}, the same heads for both rankings). Loss = "
+             f"token-weighted response cross-entropy on {ablation['n_samples']} held-out `{ablation['task']}` samples "
+             f"({ablation['n_tokens']} response tokens) that neither ranked the heads nor were graded; unmasked: "
+             f"{ablation['base']['loss']:.4f}. Random: mean [min, max] over seeds. A ranking passes when masking its "
+             "top-k raises the loss more than masking random-k.", ""]
+    for name, ranking in ablation["rankings"].items():
+        view = _causal_view(ablation, name)
+        figure = plot(view, figures / f"ablation_{name}.png").name
+        lines += [f"### Ranked by {ranking['label']}", "", markdown_table(view), "",
+                  f"Top-k − random-k loss increase: {_causal_verdict(ablation, name)}.", "",
+                  f"![ablation by {ranking['label']}](figures/{figure})", ""]
+    return lines
+
+
 def write_report(out: Path, results: dict, raw: dict, residual: np.ndarray, raw_real: dict | None = None) -> Path:
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
@@ -286,6 +323,10 @@ def write_report(out: Path, results: dict, raw: dict, residual: np.ndarray, raw_
         [f"application: {' / '.join(ARM_LABELS[a] for a in ARMS)} (%)",
          "Llama3-8B 46.12 / 49.22 / 50.10 / — / 52.33", " / ".join(_pct(acc[a]) for a in ARMS if a in acc)],
     ]
+    ablation = results.get("ablation")
+    for name in (ablation or {}).get("rankings", {}):
+        glance.append([f"causal check, {ablation['rankings'][name]['label']}: top-k − random-k loss increase",
+                       "not reported", _causal_verdict(ablation, name)])
     lines += _table(["measure", "paper", "ours"], glance)
     lines += ["", "Where ours differ:", "", *[f"- {d}" for d in _differences(results)], ""]
 
@@ -295,6 +336,10 @@ def write_report(out: Path, results: dict, raw: dict, residual: np.ndarray, raw_
     if results.get("probes"):
         lines += ["### Probe ablation: on which samples the patterns are measured", "",
                   *_probes_md(results["probes"], f2.get("probe", "own"))]
+
+    if ablation:
+        lines += ["## Causal check: does masking the top-ranked heads hurt more than random ones?", "",
+                  *_causal_md(ablation, figures)]
 
     lines += ["## Finding 3: few parameter changes move the pattern a lot", ""]
     if fig_steps:
@@ -333,7 +378,9 @@ def write_report(out: Path, results: dict, raw: dict, residual: np.ndarray, raw_
     lines += ["## Files", "", "- `results.json`: every number above, with the config and timings.",
               "- `patterns/<task>_{before,after,delta}.safetensors`: patterns on the main probe (`lit_heads compose` "
               "reads them); `patterns/probe_<mode>/` the same on the other probes.",
-              "- `mix/{random_mix,size_mix,ap_mix}.jsonl`: the first seed's mixes.", ""]
+              "- `mix/{random_mix,size_mix,ap_mix}.jsonl`: the first seed's mixes.",
+              "- `figures/ablation_{ap,abs_delta}.png`: the causal check per ranking; every masked evaluation, with "
+              "its heads, is in `results.json` under `ablation`.", ""]
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path
@@ -375,6 +422,11 @@ def write_side_by_side(out: Path, runs: dict[str, dict]) -> Path:
                 return "n/a"
             interval = f" [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]" if "low" in d else ""
             return f"{100 * d['mean']:+.1f}{interval}"
+        if what.startswith("causal:"):
+            ablation = results.get("ablation")
+            if not ablation or what[7:] not in ablation["rankings"]:
+                return "n/a"
+            return _causal_verdict(ablation, what[7:])
         if what == "minutes":
             return f"{results['seconds']['total'] / 60:.1f}"
         raise KeyError(what)
@@ -386,6 +438,8 @@ def write_side_by_side(out: Path, runs: dict[str, dict]) -> Path:
     probes = [p for p in ("own", "complex", "mix") if any(p in r.get("probes", {}) for r in runs.values())]
     rows += [(f"Finding 2, probe {PROBE_LABELS[p]}: R² (cross-half; best control; noise ceiling)", "—", f"probe:{p}")
              for p in probes]
+    rows += [(f"Causal check, ranked by {label}: top-k − random-k loss increase", "—", f"causal:{name}")
+             for name, label in RANKINGS.items()]
     rows += [("Finding 3: accuracy full SFT / top-k heads / random-k heads (%)", "—", "f3")]
     rows += [(f"Application: {ARM_LABELS[a]} (%)", f"{paper[PAPER_ARMS.index(a)]:.2f} (Llama3-8B)" if a in PAPER_ARMS
               else "—", a) for a in ARMS]

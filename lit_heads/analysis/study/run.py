@@ -14,13 +14,14 @@ import torch
 
 from lit_heads.analysis.study.application import application
 from lit_heads.analysis.study.budget import Clock, describe_plan, plan_budget
-from lit_heads.analysis.study.config import StudyConfig, run_folder
-from lit_heads.analysis.study.findings import finding1, finding3_restricted
+from lit_heads.analysis.study.causal import causal_check, rankings
+from lit_heads.analysis.study.config import StudyConfig, model_heads, run_folder
+from lit_heads.analysis.study.findings import finding1, finding3_restricted, full_sft_label
 from lit_heads.analysis.study.measures import change_over_steps, composition, summary
 from lit_heads.analysis.study.paper import PAPER
 from lit_heads.analysis.study.report import write_report, write_side_by_side
 from lit_heads.analysis.study.runner import StudyRunner
-from lit_heads.analysis.study.tasks import REAL_COMPONENTS, generated_tasks, real_tasks
+from lit_heads.analysis.study.tasks import REAL_COMPONENTS, check_fits, generated_tasks, real_tasks
 from lit_heads.errors import ConfigError, DataError
 
 
@@ -43,20 +44,33 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
     budgets = {m: plan_budget(replace(cfg, model=m), real) for m in models}
     for m in models:
         print(describe_plan(cfg, budgets[m], m), flush=True)
+    if len(models) > 1:
+        print(f"[study] {len(models)} models, estimated {sum(b['eta_s'] for b in budgets.values()) / 60:.1f} min "
+              "in all", flush=True)
+    # Every model's k and lengths are checked before the first one trains: a misspelt or misfitting second
+    # model must fail now, not after the first model's hour.
+    tasks = generated_tasks(cfg)
+    fits = {m: preflight(cfg, m, tasks) for m in models}
     if len(models) == 1:
-        return _run_one(replace(cfg, model=models[0]), out, real, budgets[models[0]])
-    print(f"[study] {len(models)} models, estimated {sum(b['eta_s'] for b in budgets.values()) / 60:.1f} min in all",
-          flush=True)
-    from lit_heads.models import resolve
-
-    for m in models:  # a misspelt second model must fail now, not after the first model's hour
-        resolve(m)
+        return _run_one(replace(cfg, model=models[0]), out, real, budgets[models[0]], tasks, fits[models[0]])
     runs = {}
     for m in models:
-        runs[m] = _run_one(replace(cfg, model=m), out / run_folder(m), real, budgets[m])
+        runs[m] = _run_one(replace(cfg, model=m), out / run_folder(m), real, budgets[m], tasks, fits[m])
     write_side_by_side(out, runs)
     print(f"[study] wrote {out}/report.md: {len(models)} models side by side", flush=True)
     return {"runs": runs}
+
+
+def preflight(cfg: StudyConfig, model: str, tasks: dict) -> dict[str, int]:
+    """The checks that need the model's config and tokenizer but not its weights: every k against its
+    number of heads, and max_length / max_new_tokens against its tokenizer (`tasks.check_fits`)."""
+    from lit_heads.data.collate import PromptEncoder
+    from lit_heads.models import load_tokenizer
+
+    n_heads = model_heads(model)
+    if n_heads is not None:
+        cfg.check_heads(model, n_heads)
+    return check_fits(cfg, tasks, PromptEncoder(load_tokenizer(model), cfg.max_length), model)
 
 
 def read_runs(folders: list[str]) -> dict[str, dict]:
@@ -74,7 +88,8 @@ def read_runs(folders: list[str]) -> dict[str, dict]:
     return runs
 
 
-def _run_one(cfg: StudyConfig, out: Path, real: bool, budget: dict) -> dict[str, Any]:
+def _run_one(cfg: StudyConfig, out: Path, real: bool, budget: dict, tasks: dict,
+             lengths: dict) -> dict[str, Any]:
     for sub in ("figures", "patterns", "mix"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     clock = Clock(budget["eta_s"], budget["stages"])
@@ -86,10 +101,10 @@ def _run_one(cfg: StudyConfig, out: Path, real: bool, budget: dict) -> dict[str,
                    {**results, "seconds": {"total": clock.total, "stages": clock.stages}, "complete": False})
 
     runner = StudyRunner(cfg)
-    tasks = generated_tasks(cfg)
     complex_task = tasks[cfg.complex_task]
     results: dict[str, Any] = {"config": asdict(cfg), "paper": PAPER, "budget": budget, "real_data": real,
-                               "model": {"name": cfg.model, "layers": runner.n_layers, "heads": runner.n_heads}}
+                               "model": {"name": cfg.model, "layers": runner.n_layers, "heads": runner.n_heads,
+                                         "chat_template": runner.data.encoder.use_chat_template, "tokens": lengths}}
 
     runner.reset()
     base_accuracy = runner.accuracy(complex_task.heldout[: cfg.eval_samples])
@@ -110,15 +125,20 @@ def _run_one(cfg: StudyConfig, out: Path, real: bool, budget: dict) -> dict[str,
     np.save(out / "patterns" / "residual.npy", residual)
     done("finding2")
 
+    # Finding 1 trains the complex task last, so its fully fine-tuned model is the one loaded now.
+    if runner.state != full_sft_label(cfg.complex_task):
+        raise RuntimeError(f"the causal check needs the model of {full_sft_label(cfg.complex_task)}, "
+                           f"but the runner holds {runner.state!r}")
+    results["ablation"] = causal_check(runner, complex_task, rankings(raw["before"][cfg.complex_task],
+                                                                      raw["after"][cfg.complex_task]))
+    done("ablation")
+
     f3: dict[str, Any] = {"over_steps": change_over_steps(raw["tracked"]) if raw["tracked"] is not None else None,
                           "full_sft_accuracy": f1.pop("full_sft_accuracy"), "base_accuracy": base_accuracy}
     f3["restricted"] = finding3_restricted(runner, tasks, raw["delta"][cfg.complex_task],
                                            raw["before"][cfg.complex_task])
     results["finding3"] = f3
     done("finding3")
-    # Issue 13, item 4 hook: when `lit_heads ablate` is on main, the causal check of the rankings runs here
-    # (mask the top-k / random-k / bottom-k heads by the base model's AP and by the complex task's |ΔAP| from
-    # `raw`, on the complex task's held-out part) into results["ablation"], with its own stage and report section.
 
     fit_for_mix = results["finding2"].get("all_basic", results["finding2"]["main"])[cfg.mix_method]
     app = application(runner, tasks, fit_for_mix["alpha"], out / "mix")
