@@ -7,6 +7,7 @@
     lit_heads study --combine '[runs/a, runs/b]' --output runs/both                    # earlier runs side by side
     lit_heads study --config configs/study.yaml --probes '[own]'   # Finding 2 on each task's own samples only
     lit_heads study --config configs/study.yaml --device cuda  # on the first GPU (default: cpu)
+    lit_heads study --config configs/study.yaml --ablate_k '[1, 9]' --ablate_mask zero   # causal check's schedule
 
 Writes report.md, results.json, figures/, patterns/ and mix/ under --output (one folder per model when
 several run, with a side-by-side report.md above them). Every option is a field of
@@ -19,7 +20,8 @@ from dataclasses import fields
 
 DESCRIPTION = (
     "Reproduce arXiv 2409.15820 end to end: task-specific heads, composition of patterns on three probe sets "
-    "with controls and a noise ceiling, pattern change over steps and head-restricted SFT, AP-guided data mixing "
+    "with controls and a noise ceiling, a causal check of the AP and |ΔAP| head rankings (masking top-k vs "
+    "random-k vs bottom-k heads), pattern change over steps and head-restricted SFT, AP-guided data mixing "
     "against random and size-weighted mixes over seeds; one model or several side by side; writes report.md, "
     "results.json and figures."
 )

@@ -194,38 +194,38 @@ def check_program_output(example: Example, generated: str) -> bool:
 # ---------------------------------------------------------------- generators
 
 
+def _worked(text: str, steps: list[tuple[int, str, int, int]], answer: int, task: str) -> Example:
+    """A word problem answered by one worked line per step (`12 + 5 = 17`), then 'Answer: N'."""
+    lines = [f"{a} {op} {b} = {c}" for a, op, b, c in steps]
+    return Example(text, "\n".join(lines + [f"Answer: {answer}"]), str(answer), task)
+
+
 def _make_arithmetic(rng: random.Random) -> Example:
-    text, steps, answer = _word_problem(rng)
-    lines = [f"{a} {op} {b} = {c}" for a, op, b, c in steps]
-    return Example(text, "\n".join(lines + [f"Answer: {answer}"]), str(answer), "arithmetic")
+    return _worked(*_word_problem(rng), "arithmetic")
 
 
-def _make_math_code(rng: random.Random) -> Example:
-    text, steps, answer = _word_problem(rng)
-    lines = []
-    for i, (a, op, b, _) in enumerate(steps, start=1):
-        left = str(a) if i == 1 else f"x{i - 1}"
-        lines.append(f"x{i} = {left} {op} {b}")
-    lines.append(f"print(x{len(steps)})")
-    prompt = f"{text} Write a Python program that prints the answer."
-    return Example(prompt, "\n".join(lines), str(answer), "math_code")
-
-
-def _make_multistep(rng: random.Random) -> Example:
-    text, steps, answer = _long_word_problem(rng)
-    lines = [f"{a} {op} {b} = {c}" for a, op, b, c in steps]
-    return Example(text, "\n".join(lines + [f"Answer: {answer}"]), str(answer), "multistep")
-
-
-def _make_multistep_code(rng: random.Random) -> Example:
-    text, steps, answer = _long_word_problem(rng)
+def _as_program(text: str, steps: list[tuple[int, str, int, int]], answer: int, task: str) -> Example:
+    """A word problem answered by a program: one assignment per step (`x2 = x1 * 2`), then `print`.
+    Division is exact in the generators, so it is written as integer division and prints an integer."""
     lines = []
     for i, (a, op, b, _) in enumerate(steps, start=1):
         left = str(a) if i == 1 else f"x{i - 1}"
         lines.append(f"x{i} = {left} {'//' if op == '/' else op} {b}")
     lines.append(f"print(x{len(steps)})")
     prompt = f"{text} Write a Python program that prints the answer."
-    return Example(prompt, "\n".join(lines), str(answer), "multistep_code")
+    return Example(prompt, "\n".join(lines), str(answer), task)
+
+
+def _make_math_code(rng: random.Random) -> Example:
+    return _as_program(*_word_problem(rng), "math_code")
+
+
+def _make_multistep(rng: random.Random) -> Example:
+    return _worked(*_long_word_problem(rng), "multistep")
+
+
+def _make_multistep_code(rng: random.Random) -> Example:
+    return _as_program(*_long_word_problem(rng), "multistep_code")
 
 
 def _make_code(rng: random.Random) -> Example:
