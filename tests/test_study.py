@@ -358,6 +358,24 @@ def test_budget_grows_with_the_work_and_profiles_fit_their_limits():
     evaluations = 1 + len(default.ablate_k) * (len(default.ablate_seeds) + 4)
     assert budget["loss_samples"] == (evaluations + 1) * default.ablate_samples
     assert budget["stages"]["ablation"] == round(budget["loss_samples"] * default.sec_per_loss_sample)
+    # A model with twice the compute per token plans every unit twice as long (rounded per stage).
+    double = plan_budget(default, True, scale=2.0)
+    assert all(abs(double["stages"][k] - 2 * v) <= 1 for k, v in budget["stages"].items())
+    assert double["sft_steps"] == budget["sft_steps"] and double["scale"] == 2.0
+
+
+def test_model_shape_reads_heads_and_compute_from_the_config_alone(tiny_llama_dir):
+    from torch import nn
+
+    from lit_heads.analysis.study.config import REFERENCE_MATMUL_WEIGHTS, model_shape
+    from lit_heads.models import load_model
+
+    model = load_model(str(tiny_llama_dir))
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    assert model_shape(str(tiny_llama_dir)) == {"heads": 2 * 4, "matmul_weights": linear}
+    # The reference is SmolLM2-135M's count: 30 layers of q, k, v, o (576x576, 2x 576x192, 576x576) and the
+    # gated MLP (3x 576x1536), plus the output head (49152 x 576).
+    assert REFERENCE_MATMUL_WEIGHTS == 30 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536) + 49152 * 576
 
 
 def test_probe_modes_cost_what_they_score():

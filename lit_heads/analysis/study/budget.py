@@ -34,9 +34,11 @@ def distinct_probes(cfg: StudyConfig) -> tuple[int, int]:
     return before, after
 
 
-def plan_budget(cfg: StudyConfig, real: bool) -> dict:
+def plan_budget(cfg: StudyConfig, real: bool, scale: float = 1.0) -> dict:
     """Planned work per stage (SFT steps, pattern samples, graded answers, forward-only loss samples) and the
-    estimated seconds, from the per-unit estimates of the config (measured for the bundled model at max_length)."""
+    estimated seconds, from the per-unit estimates of the config (measured for SmolLM2-135M) times `scale`, the
+    model's compute per token relative to SmolLM2's (`config.REFERENCE_MATMUL_WEIGHTS`). Generation gains less
+    from a smaller model than training does, so for a larger model the scaled generation time is an upper bound."""
     n_tasks = len(cfg.basic_tasks) + 1
     restricted_runs = 1 + int(cfg.restricted_random)
     n_track = cfg.sft_steps // cfg.track_every + 2
@@ -59,8 +61,8 @@ def plan_budget(cfg: StudyConfig, real: bool) -> dict:
     }
     if real:
         work["real"] = {"steps": 3 * cfg.real_sft_steps * length, "ap": 6 * cfg.real_ap_samples * length}
-    rate = {"steps": cfg.sec_per_step, "ap": cfg.sec_per_ap_sample, "gen": cfg.sec_per_gen_sample,
-            "loss": cfg.sec_per_loss_sample}
+    rate = {"steps": cfg.sec_per_step * scale, "ap": cfg.sec_per_ap_sample * scale,
+            "gen": cfg.sec_per_gen_sample * scale, "loss": cfg.sec_per_loss_sample * scale}
     stages = {k: round(sum(v * rate[u] for u, v in w.items())) for k, w in work.items()}
 
     def total(unit: str, only: tuple[str, ...] | None = None) -> int:
@@ -69,7 +71,7 @@ def plan_budget(cfg: StudyConfig, real: bool) -> dict:
     generated = tuple(k for k in work if k != "real")
     return {"sft_steps": total("steps", generated), "real_sft_steps": cfg.real_sft_steps * 3 if real else 0,
             "ap_samples": total("ap", generated), "real_ap_samples": 6 * cfg.real_ap_samples if real else 0,
-            "generated_answers": total("gen"), "loss_samples": total("loss"), "stages": stages, "eta_s": sum(stages.values())}
+            "generated_answers": total("gen"), "loss_samples": total("loss"), "scale": scale, "stages": stages, "eta_s": sum(stages.values())}
 
 
 def describe_plan(cfg: StudyConfig, budget: dict, model: str) -> str:
@@ -81,8 +83,10 @@ def describe_plan(cfg: StudyConfig, budget: dict, model: str) -> str:
             f"(causal check, k = {sorted(set(cfg.ablate_k))})"
             + (f", real tasks {budget['real_sft_steps']} steps" if budget["real_sft_steps"] else "")
             + f"; estimated {budget['eta_s'] / 60:.1f} min at {cfg.sec_per_step} s/step, {cfg.sec_per_ap_sample} "
-            f"s/pattern sample, {cfg.sec_per_gen_sample} s/answer, {cfg.sec_per_loss_sample} s/sample loss "
-            f"(minutes per stage: {per_stage})")
+            f"s/pattern sample, {cfg.sec_per_gen_sample} s/answer, {cfg.sec_per_loss_sample} s/sample loss"
+            + (f" (SmolLM2-135M's) x {budget['scale']:.2f} for this model's compute per token"
+               if budget.get("scale", 1.0) != 1.0 else "")
+            + f" (minutes per stage: {per_stage})")
 
 
 class Clock:

@@ -293,10 +293,18 @@ def run_folder(model: str) -> str:
     return model.strip("/").replace("/", "--")
 
 
-def model_heads(model: str) -> int | None:
-    """Attention heads of `model` (all layers) from its config alone, on the meta device (no weights), so a k
-    too large is refused before any model loads; None when the config cannot be read without loading (a hub
-    id not in the local cache), and the runner checks after loading."""
+# Weights of the matrix products one token passes through (every nn.Linear, the output head included even when
+# tied) of SmolLM2-135M, the model the sec_per_* estimates were measured on; a model's cost per token scales
+# with its own count (Gemma 3 270M: about 2x, mostly its 262k-token output head).
+REFERENCE_MATMUL_WEIGHTS = 134_479_872
+
+
+def model_shape(model: str) -> dict[str, int] | None:
+    """{'heads': attention heads of all layers, 'matmul_weights': see REFERENCE_MATMUL_WEIGHTS} of `model` from
+    its config alone, on the meta device (no weights), so a k too large is refused and the plan is scaled before
+    any model loads; None when the config cannot be read without loading (a hub id not in the local cache):
+    the runner checks the k after loading, and the plan keeps the reference model's cost."""
+    from torch import nn
     from transformers import AutoConfig
 
     from lit_heads.analysis.memory_plan import meta_model
@@ -308,8 +316,10 @@ def model_heads(model: str) -> int | None:
         config = AutoConfig.from_pretrained(source.path)
     except (OSError, ValueError):
         return None
-    n_layers, n_heads = find_heads(meta_model(config)).shape
-    return n_layers * n_heads
+    skeleton = meta_model(config)
+    n_layers, n_heads = find_heads(skeleton).shape
+    matmul = sum(m.weight.numel() for m in skeleton.modules() if isinstance(m, nn.Linear))
+    return {"heads": n_layers * n_heads, "matmul_weights": matmul}
 
 
 def resolve_device(name: str) -> torch.device:

@@ -187,6 +187,12 @@ def _differences(results: dict) -> list[str]:
     conc = results["finding1"]["concentration"]
     drops = sum(conc[n]["after"]["gini"] < conc[n]["before"]["gini"] for n in conc)
     out.append(f"Gini fell after SFT for {drops} of {len(conc)} tasks (paper: 0.50 → 0.33, a fall).")
+    ablation = results.get("ablation")
+    for name, ranking in (ablation or {}).get("rankings", {}).items():
+        held = "passes" if ranking["passes"]["all"] else "does not pass"
+        out.append(f"Causal check, ranked by {ranking['label']}: the ranking {held} (masking its top-k raises the "
+                   f"held-out loss more than random-k at every k); top-k − random-k loss increase "
+                   f"{_causal_verdict(ablation, name)}. The paper ranks heads by AP without such a check.")
     app = results["application"]
     acc = app["accuracy"]
     means = [acc[a]["mean"] for a in PAPER_ARMS]

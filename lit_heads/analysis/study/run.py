@@ -15,7 +15,7 @@ import torch
 from lit_heads.analysis.study.application import application
 from lit_heads.analysis.study.budget import Clock, describe_plan, plan_budget
 from lit_heads.analysis.study.causal import causal_check, rankings
-from lit_heads.analysis.study.config import StudyConfig, model_heads, run_folder
+from lit_heads.analysis.study.config import REFERENCE_MATMUL_WEIGHTS, StudyConfig, model_shape, run_folder
 from lit_heads.analysis.study.findings import finding1, finding3_restricted, full_sft_label
 from lit_heads.analysis.study.measures import change_over_steps, composition, summary
 from lit_heads.analysis.study.paper import PAPER
@@ -41,16 +41,20 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
         raise ConfigError(f"probes={cfg.probes} lacks 'own', which the real tasks need (their control is a generated "
                           "task's pattern on its own samples); add 'own' to probes or set real_data: off.")
     models = cfg.models
-    budgets = {m: plan_budget(replace(cfg, model=m), real) for m in models}
+    # Every model's shape and tokenizer are checked before the first one trains: a misspelt or misfitting second
+    # model must fail now, not after the first model's hour.
+    shapes = {m: model_shape(m) for m in models}
+    for m, shape in shapes.items():
+        if shape is not None:
+            cfg.check_heads(m, shape["heads"])
+    budgets = {m: plan_budget(replace(cfg, model=m), real, scale(shapes[m])) for m in models}
     for m in models:
         print(describe_plan(cfg, budgets[m], m), flush=True)
     if len(models) > 1:
         print(f"[study] {len(models)} models, estimated {sum(b['eta_s'] for b in budgets.values()) / 60:.1f} min "
               "in all", flush=True)
-    # Every model's k and lengths are checked before the first one trains: a misspelt or misfitting second
-    # model must fail now, not after the first model's hour.
     tasks = generated_tasks(cfg)
-    fits = {m: preflight(cfg, m, tasks) for m in models}
+    fits = {m: fit_lengths(cfg, m, tasks) for m in models}
     if len(models) == 1:
         return _run_one(replace(cfg, model=models[0]), out, real, budgets[models[0]], tasks, fits[models[0]])
     runs = {}
@@ -61,15 +65,16 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
     return {"runs": runs}
 
 
-def preflight(cfg: StudyConfig, model: str, tasks: dict) -> dict[str, int]:
-    """The checks that need the model's config and tokenizer but not its weights: every k against its
-    number of heads, and max_length / max_new_tokens against its tokenizer (`tasks.check_fits`)."""
+def scale(shape: dict[str, int] | None) -> float:
+    """The model's compute per token relative to the model the per-unit estimates were measured on."""
+    return 1.0 if shape is None else shape["matmul_weights"] / REFERENCE_MATMUL_WEIGHTS
+
+
+def fit_lengths(cfg: StudyConfig, model: str, tasks: dict) -> dict[str, int]:
+    """max_length / max_new_tokens against the model's tokenizer (`tasks.check_fits`), before its weights load."""
     from lit_heads.data.collate import PromptEncoder
     from lit_heads.models import load_tokenizer
 
-    n_heads = model_heads(model)
-    if n_heads is not None:
-        cfg.check_heads(model, n_heads)
     return check_fits(cfg, tasks, PromptEncoder(load_tokenizer(model), cfg.max_length), model)
 
 

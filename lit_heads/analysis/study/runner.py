@@ -39,7 +39,7 @@ class StudyRunner:
                                      batch_size=cfg.ap_batch_size)
         layout = find_heads(self.module.model)
         self.n_layers, self.n_heads = layout.n_layers, layout.n_heads
-        # A hub model's heads are known only now (`config.model_heads` reads local configs before loading).
+        # A hub model's heads are known only now (`config.model_shape` reads local configs before loading).
         cfg.check_heads(str(cfg.model), self.n_layers * self.n_heads)
         # What the weights are now: 'base' after reset, else the label of the last training run.
         self.state: str | None = "base"
