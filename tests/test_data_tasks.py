@@ -83,6 +83,73 @@ def test_math_code_program_shape_and_sandboxed_result():
     assert not is_correct(Example("q", "", "abc", "code"), "print('ABC')")
 
 
+def test_existing_tasks_generate_what_they_did_before_the_multistep_tasks():
+    # Pinned from the code before multistep/multistep_code were added: a study quoted with these tasks
+    # must regenerate the same samples, seed for seed.
+    import hashlib
+    import json
+
+    pinned = {("arithmetic", 0): "a69c2881e3a50871", ("arithmetic", 42): "9a8abbd69d658cb5",
+              ("code", 0): "b21b9536eb0029f6", ("code", 42): "808e3671efc23121",
+              ("string", 0): "977dcef1b3eda15e", ("string", 42): "8cc7baebbddb7541",
+              ("math_code", 0): "87fda2330113e30e", ("math_code", 42): "715e4ab44c508b5e"}
+    for (name, seed), digest in pinned.items():
+        rows = [[e.prompt, e.response, e.answer] for e in generate_task(name, 300, seed)]
+        assert hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16] == digest, (name, seed)
+
+
+def test_multistep_is_long_with_distractors_and_a_correct_worked_solution():
+    examples = generate_task("multistep", 200, seed=8)
+    for example in examples:
+        *steps, last = example.response.splitlines()
+        assert 4 <= len(steps) <= 5 and last == f"Answer: {example.answer}"
+        value = None
+        for line in steps:
+            left, op, right, _, result = line.split()
+            assert value is None or int(left) == value, line  # each step continues from the previous result
+            exact = {"+": int(left) + int(right), "-": int(left) - int(right), "*": int(left) * int(right),
+                     "/": int(left) / int(right)}[op]
+            assert exact == int(result) and int(result) > 0, line  # division is exact, counts stay positive
+            value = int(result)
+        assert value == int(example.answer)
+        # The start count and one operand per step, plus 1-2 distractor sentences with a number each.
+        assert len(re.findall(r"\d+", example.prompt)) in (len(steps) + 2, len(steps) + 3), example.prompt
+        assert is_correct(example, example.response)
+        assert not is_correct(example, example.response.replace(f"Answer: {example.answer}", f"Answer: {value + 1}"))
+    ops = {line.split()[1] for e in examples for line in e.response.splitlines()[:-1]}
+    assert ops == {"+", "-", "*", "/"}
+    assert max(int(e.answer) for e in examples) >= 100, "numbers larger than the short tasks'"
+
+
+def test_multistep_code_programs_run_to_the_answer_and_wrong_programs_fail():
+    examples = generate_task("multistep_code", 60, seed=9)
+    for example in examples:
+        lines = example.response.splitlines()
+        assert 5 <= len(lines) <= 6
+        assert re.fullmatch(r"x1 = \d+ (\+|-|\*|//) \d+", lines[0])
+        assert all(re.fullmatch(rf"x{i} = x{i - 1} (\+|-|\*|//) \d+", line) for i, line in enumerate(lines[1:-1], start=2))
+        assert lines[-1] == f"print(x{len(lines) - 1})"
+        assert run_python(example.response).stdout.strip() == example.answer
+    example = examples[0]
+    assert is_correct(example, example.response)
+    assert is_correct(example, f"```python\n{example.response}\n```")
+    assert is_correct(example, example.response.replace("//", "/"))  # '42.0' is the number 42
+    last = example.response.splitlines()[-2]
+    # One step with the wrong operation, or the print of an intermediate value, gives another number.
+    wrong_op = last.replace(" + ", " - ") if " + " in last else last.replace(last.split()[3], "+", 1)
+    assert not is_correct(example, example.response.replace(last, wrong_op))
+    assert not is_correct(example, example.response.replace(f"print(x{len(example.response.splitlines()) - 1})", "print(x1)"))
+    assert not is_correct(example, f"Answer: {example.answer}")
+    assert not is_correct(example, "print(")
+
+
+def test_multistep_tasks_do_not_share_problems_under_one_seed():
+    basic = {e.prompt for e in generate_task("multistep", 200, 0)}
+    composite = {e.prompt.replace(" Write a Python program that prints the answer.", "") for e in generate_task("multistep_code", 200, 0)}
+    assert not basic & composite
+    assert TASKS["multistep_code"].components == ("multistep", "code") and TASKS["multistep"].kind == "basic"
+
+
 def test_responses_are_short():
     # ~4 characters per token would put 160 characters near the 40-token budget.
     for name in TASKS:

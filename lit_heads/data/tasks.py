@@ -6,10 +6,14 @@ They mirror the paper's setting, basic tasks composed into a complex one:
   string      (basic)   reverse / sort / count letters of a made-up word; 'Answer: X'
   math_code   (complex, = arithmetic + code)  the arithmetic kind of word problem answered by a short
               Python program (`x1 = 3 + 4`, `x2 = x1 * 2`, `print(x2)`), graded by running it
-`string` is a basic task math_code does not need, a control for composition studies.
+  multistep   (basic)   longer word problem: 4-5 steps over +, -, *, / with two-digit numbers and 1-2
+              distractor sentences; worked lines, then 'Answer: N'
+  multistep_code (complex, = multistep + code)  the multistep kind of problem answered by a Python
+              program; hard to learn from a few dozen samples (the paper's scarce-data regime)
+`string` is a basic task math_code and multistep_code do not need, a control for composition studies.
 
-Responses stay under ~40 tokens so generation during validation is cheap and a 135M model learns the
-format within ~100 steps.
+Responses of the short tasks stay under ~40 tokens so generation during validation is cheap and a 135M
+model learns the format within ~100 steps; multistep responses run to ~60 tokens.
 """
 
 from __future__ import annotations
@@ -71,6 +75,54 @@ def _word_problem(rng: random.Random) -> tuple[str, list[tuple[int, str, int, in
         steps.append((value, op, b, new))
         value = new
     sentences.append(f"How many {item} does {name} have now?")
+    return " ".join(sentences), steps, value
+
+
+# The multistep problems: more steps, bigger numbers, four operations with several phrasings each, and
+# distractor sentences whose numbers must not be used. Every phrasing of an operation maps to one line
+# of the solution, so the skill is reading the problem, which the basic and the complex task share.
+_LONG_ADD = ["{name} buys {b} more {item}.", "{other} gives {name} {b} {item}.", "{name} wins {b} {item} at a fair.",
+             "{name} collects another {b} {item}."]
+_LONG_SUB = ["{name} gives {b} {item} to {other}.", "{name} sells {b} of the {item}.", "{name} loses {b} {item}.",
+             "{name} uses up {b} {item}."]
+_LONG_MUL = ["{name} ends up with {b} times as many {item} as before.", "The number of {item} {name} has grows {b}-fold."]
+_LONG_DIV = ["{name} splits the {item} equally into {b} boxes and keeps only one box.",
+             "{name} shares the {item} equally among {b} people, {name} included, and keeps one share."]
+_DISTRACTORS = ["{other} has {d} {other_item}.", "{name} is {d} years old.", "{other} buys {d} {item}.",
+                "The shop sells {other_item} in packs of {d}.", "{name} walks {d} minutes to school."]
+
+
+def _long_word_problem(rng: random.Random) -> tuple[str, list[tuple[int, str, int, int]], int]:
+    """A 4-5 step problem on one person's count with 1-2 distractors: (text, steps as (left, op, right,
+    result), answer). Division is exact, at most one multiplication, and every count stays positive."""
+    name, other = rng.sample(_NAMES, 2)
+    item, other_item = rng.sample(_ITEMS, 2)
+    value = rng.randint(12, 60)
+    events, steps, used_mul = [], [], False
+    for _ in range(rng.randint(4, 5)):
+        divisors = [k for k in range(2, 7) if value % k == 0 and value // k >= 2]
+        ops = ["+"] + (["-"] if value > 3 else []) + ([] if used_mul or value > 150 else ["*"]) + (["/"] if divisors else [])
+        op = rng.choice(ops)
+        if op == "+":
+            b, template = rng.randint(11, 99), rng.choice(_LONG_ADD)
+            new = value + b
+        elif op == "-":
+            b, template = rng.randint(1, value - 2), rng.choice(_LONG_SUB)
+            new = value - b
+        elif op == "*":
+            b, template, used_mul = rng.randint(2, 5), rng.choice(_LONG_MUL), True
+            new = value * b
+        else:
+            b, template = rng.choice(divisors), rng.choice(_LONG_DIV)
+            new = value // b
+        events.append(template.format(name=name, other=other, item=item, b=b))
+        steps.append((value, op, b, new))
+        value = new
+    for _ in range(rng.randint(1, 2)):
+        distractor = rng.choice(_DISTRACTORS).format(name=name, other=other, item=item, other_item=other_item,
+                                                     d=rng.randint(3, 40))
+        events.insert(rng.randint(0, len(events)), distractor)
+    sentences = [f"{name} has {steps[0][0]} {item}.", *events, f"How many {item} does {name} have now?"]
     return " ".join(sentences), steps, value
 
 
@@ -142,21 +194,38 @@ def check_program_output(example: Example, generated: str) -> bool:
 # ---------------------------------------------------------------- generators
 
 
-def _make_arithmetic(rng: random.Random) -> Example:
-    text, steps, answer = _word_problem(rng)
+def _worked(text: str, steps: list[tuple[int, str, int, int]], answer: int, task: str) -> Example:
+    """A word problem answered by one worked line per step (`12 + 5 = 17`), then 'Answer: N'."""
     lines = [f"{a} {op} {b} = {c}" for a, op, b, c in steps]
-    return Example(text, "\n".join(lines + [f"Answer: {answer}"]), str(answer), "arithmetic")
+    return Example(text, "\n".join(lines + [f"Answer: {answer}"]), str(answer), task)
 
 
-def _make_math_code(rng: random.Random) -> Example:
-    text, steps, answer = _word_problem(rng)
+def _make_arithmetic(rng: random.Random) -> Example:
+    return _worked(*_word_problem(rng), "arithmetic")
+
+
+def _as_program(text: str, steps: list[tuple[int, str, int, int]], answer: int, task: str) -> Example:
+    """A word problem answered by a program: one assignment per step (`x2 = x1 * 2`), then `print`.
+    Division is exact in the generators, so it is written as integer division and prints an integer."""
     lines = []
     for i, (a, op, b, _) in enumerate(steps, start=1):
         left = str(a) if i == 1 else f"x{i - 1}"
-        lines.append(f"x{i} = {left} {op} {b}")
+        lines.append(f"x{i} = {left} {'//' if op == '/' else op} {b}")
     lines.append(f"print(x{len(steps)})")
     prompt = f"{text} Write a Python program that prints the answer."
-    return Example(prompt, "\n".join(lines), str(answer), "math_code")
+    return Example(prompt, "\n".join(lines), str(answer), task)
+
+
+def _make_math_code(rng: random.Random) -> Example:
+    return _as_program(*_word_problem(rng), "math_code")
+
+
+def _make_multistep(rng: random.Random) -> Example:
+    return _worked(*_long_word_problem(rng), "multistep")
+
+
+def _make_multistep_code(rng: random.Random) -> Example:
+    return _as_program(*_long_word_problem(rng), "multistep_code")
 
 
 def _make_code(rng: random.Random) -> Example:
@@ -197,6 +266,11 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("code", "basic", (), "one-line Python program using builtins; graded by its output", _make_code, check_program_output),
         TaskSpec("string", "basic", (), "reverse / sort / count letters of a made-up word; 'Answer: X'", _make_string, check_answer_line),
         TaskSpec("math_code", "complex", ("arithmetic", "code"), "word problem answered by a Python program that prints the result", _make_math_code, check_program_output),
+        TaskSpec("multistep", "basic", (), "4-5 step word problem with distractors; worked lines then 'Answer: N'",
+                 _make_multistep, check_final_number),
+        TaskSpec("multistep_code", "complex", ("multistep", "code"),
+                 "multistep word problem answered by a Python program that prints the result", _make_multistep_code,
+                 check_program_output),
     ]
 }
 

@@ -23,7 +23,6 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height))
 
 
-
 def plot_patterns(raw: dict, names: list[str], path: Path) -> str:
     """One row per task: AP before SFT, after SFT, and the change (diverging colours around 0)."""
     fig = _figure(10, 2.6 * len(names))
@@ -79,17 +78,20 @@ def plot_over_steps(over: dict, path: Path) -> str:
 
 
 def plot_application(app: dict, path: Path) -> str:
+    """Mean accuracy per arm with its spread over seeds (the t-interval half-width when the study asked
+    for one, else the standard deviation) and every seed's value as a dot."""
     arms = list(app["accuracy"])
     means = [100 * app["accuracy"][a]["mean"] for a in arms]
-    stds = [100 * app["accuracy"][a]["std"] for a in arms]
-    fig = _figure(6.5, 3.6)
+    spreads = [100 * app["accuracy"][a].get("half_width", app["accuracy"][a]["std"]) for a in arms]
+    fig = _figure(7.5, 3.8)
     ax = fig.add_subplot(1, 1, 1)
-    colors = ["#999999", "#4c72b0", "#dd8452", "#55a868"][: len(arms)]
-    ax.bar(range(len(arms)), means, yerr=stds, capsize=5, color=colors)
+    colors = ["#999999", "#4c72b0", "#dd8452", "#8172b3", "#55a868"][: len(arms)]
+    ax.bar(range(len(arms)), means, yerr=spreads, capsize=5, color=colors)
     for i, arm in enumerate(arms):
         values = app["accuracy"][arm]["values"]
         ax.scatter([i] * len(values), [100 * v for v in values], color="black", s=10, zorder=3)
     ax.set_xticks(range(len(arms)), [ARM_LABELS.get(a, a).replace(" → ", "\n→ ") for a in arms], fontsize=8)
     ax.set_ylabel("held-out accuracy (%)")
-    ax.set_title(f"complex task, mean ± std over seeds {app['seeds']}", fontsize=9)
+    spread = f"{100 * app['ci']:.0f}% t-interval" if app.get("ci") else "std"
+    ax.set_title(f"complex task, mean ± {spread} over seeds {app['seeds']}", fontsize=9)
     return _save(fig, path)

@@ -53,29 +53,42 @@ def fit_dict(fit) -> dict[str, Any]:
     return {"alpha": fit.alpha, "r2": fit.r2, "method": fit.method}
 
 
-def composition(target: dict[str, torch.Tensor], deltas: dict[str, dict[str, torch.Tensor]], components: list[str],
-                controls: list[str]) -> dict[str, Any]:
-    """Finding 2 on ΔAP: the main fit (lstsq and NNLS), every component swapped for every control task,
-    all basic tasks together, and the noise ceiling (half A of the target fitted by its half B)."""
+def cross_half_r2(target: dict[str, torch.Tensor], bases: dict[str, dict[str, torch.Tensor]]) -> float:
+    """R² of the target's pattern on one half of its probe, fitted (least squares, no intercept) by the bases'
+    patterns on the *other* half, averaged over the two ways round (A by B, B by A). Target and bases then
+    share no probe sample, and both sides rest on half the samples, as in the noise ceiling."""
     from lit_heads.analysis.compose import fit_composition
 
-    def fits(names: list[str]) -> dict[str, Any]:
-        bases = {n: deltas[n]["full"] for n in names}
-        return {m: fit_composition(target["full"], bases, method=m) for m in ("lstsq", "nnls")}
+    return 0.5 * sum(fit_composition(target[x], {n: b[y] for n, b in bases.items()}).r2 for x, y in (("a", "b"), ("b", "a")))
 
-    main = fits(components)
-    out: dict[str, Any] = {"components": components, "main": {m: fit_dict(f) for m, f in main.items()},
-                           "residual": main["lstsq"].residual.tolist(), "controls": {}}
+
+def composition(target: dict[str, torch.Tensor], deltas: dict[str, dict[str, torch.Tensor]], components: list[str],
+                controls: list[str]) -> dict[str, Any]:
+    """Finding 2 on ΔAP: the main fit (lstsq and NNLS on the whole probe, as the paper), every component
+    swapped for every control task, all basic tasks together; each fit also as `cross_half_r2`. The noise
+    ceiling is `cross_half_r2` of the target by itself: how much of the target's pattern on one half of the
+    probe its own pattern on the other half explains, i.e. the most any fit across halves can reach."""
+    from lit_heads.analysis.compose import fit_composition
+
+    def fits(names: list[str]) -> tuple[dict[str, Any], Any]:
+        bases = {n: deltas[n]["full"] for n in names}
+        whole = {m: fit_composition(target["full"], bases, method=m) for m in ("lstsq", "nnls")}
+        out = {m: fit_dict(f) for m, f in whole.items()}
+        out["cross_half_r2"] = cross_half_r2(target, {n: deltas[n] for n in names})
+        return out, whole["lstsq"]
+
+    main, main_lstsq = fits(components)
+    out: dict[str, Any] = {"components": components, "main": main, "residual": main_lstsq.residual.tolist(),
+                           "controls": {}}
     for control in controls:
         for swapped in components:
             names = [control if c == swapped else c for c in components]
-            out["controls"][f"{'+'.join(names)} ({control} instead of {swapped})"] = {
-                m: fit_dict(f) for m, f in fits(names).items()}
-        out["controls"][f"{control} alone"] = {m: fit_dict(f) for m, f in fits([control]).items()}
+            out["controls"][f"{'+'.join(names)} ({control} instead of {swapped})"] = fits(names)[0]
+        out["controls"][f"{control} alone"] = fits([control])[0]
     all_basic = [n for n in deltas if n in components or n in controls]
     if len(all_basic) > len(components):
-        out["all_basic"] = {m: fit_dict(f) for m, f in fits(all_basic).items()}
-    out["noise_ceiling_r2"] = fit_composition(target["a"], {"half_b": target["b"]}).r2
+        out["all_basic"] = fits(all_basic)[0]
+    out["noise_ceiling_r2"] = cross_half_r2(target, {"self": target})
     return out
 
 
@@ -95,7 +108,25 @@ def concentration(pattern: torch.Tensor) -> dict[str, float]:
     return {"gini": stats.gini(pattern), "cv": stats.coefficient_of_variation(pattern)}
 
 
-def mean_std(values: list[float]) -> dict[str, Any]:
+def summary(values: list[float], ci: float | None = None) -> dict[str, Any]:
+    """Mean, sample standard deviation and the values; with `ci` (e.g. 0.95) also the two-sided Student-t
+    interval mean ± t_{(1+ci)/2, n-1} · std / √n, which needs n >= 2."""
+    from scipy.stats import t
+
     array = np.asarray(values, dtype=float)
-    return {"mean": float(array.mean()), "std": float(array.std(ddof=1)) if len(array) > 1 else 0.0,
-            "values": list(map(float, values))}
+    n = len(array)
+    out: dict[str, Any] = {"mean": float(array.mean()), "std": float(array.std(ddof=1)) if n > 1 else 0.0,
+                           "n": n, "values": list(map(float, values))}
+    if ci is not None:
+        if n < 2:
+            raise ValueError(f"a {ci:.0%} t-interval needs at least 2 values, got {n}")
+        half = float(t.ppf((1 + ci) / 2, n - 1) * out["std"] / math.sqrt(n))
+        out.update(ci=ci, half_width=half, low=out["mean"] - half, high=out["mean"] + half)
+    return out
+
+
+def paired(a: list[float], b: list[float], ci: float | None = None) -> dict[str, Any]:
+    """`summary` of the per-seed differences a_i - b_i (the same seed's runs of two arms)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired values need equal lengths, got {len(a)} and {len(b)}")
+    return summary([x - y for x, y in zip(a, b)], ci)

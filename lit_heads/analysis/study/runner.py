@@ -39,13 +39,19 @@ class StudyRunner:
                                      batch_size=cfg.ap_batch_size)
         layout = find_heads(self.module.model)
         self.n_layers, self.n_heads = layout.n_layers, layout.n_heads
+        # A hub model's heads are known only now (`config.model_shape` reads local configs before loading).
+        cfg.check_heads(str(cfg.model), self.n_layers * self.n_heads)
+        # What the weights are now: 'base' after reset, else the label of the last training run.
+        self.state: str | None = "base"
 
     def reset(self) -> None:
         self.module.model.load_state_dict(self.base_state)
+        self.state = "base"
 
     def train(self, examples: list[Example], steps: int, seed: int, lr: float | None = None,
-              callbacks: list | None = None, data=None) -> float:
-        """`steps` AdamW steps (warmup + cosine) on `examples`, reshuffled every pass; returns seconds."""
+              callbacks: list | None = None, data=None, label: str | None = None) -> float:
+        """`steps` AdamW steps (warmup + cosine) on `examples`, reshuffled every pass; returns seconds.
+        `label` names the model this makes (`state`), for a later stage that needs exactly that model."""
         from lit_heads.optim import WarmupCosine
 
         if not examples:
@@ -63,7 +69,9 @@ class StudyRunner:
             limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks or [],
         )
         started = time.perf_counter()
+        self.state = None
         trainer.fit(self.module, train_dataloaders=loader)
+        self.state = label
         # Lightning's teardown moves the module to the CPU; scoring and generation run on the study's device.
         self.module.to(self.device)
         return time.perf_counter() - started
@@ -84,5 +92,6 @@ class StudyRunner:
         """Share of greedy answers the task's checker accepts."""
         from lit_heads.data import is_correct
 
-        answers = self.module.generate([self.data.render_prompt_ids(e) for e in examples])
+        answers = self.module.generate([self.data.render_prompt_ids(e) for e in examples],
+                                       batch_size=self.cfg.gen_batch_size)
         return sum(is_correct(e, a) for e, a in zip(examples, answers)) / len(examples)
