@@ -28,6 +28,7 @@ import torch
 
 from lit_heads.atomic import atomic_write, atomic_write_text
 from lit_heads.errors import ConfigError, DataError
+from lit_heads.heads.lm_loss import labelled
 
 SELECTIONS = ("top", "random", "bottom")
 CSV_COLUMNS = ("selection", "seed", "k", "loss", "loss_increase", "accuracy", "accuracy_drop", "seconds", "heads")
@@ -106,7 +107,7 @@ def plan_schedule(
 
 def response_token_count(labels: torch.Tensor) -> int:
     """Response tokens a causal LM is scored on in a batch (the label at position 0 is never predicted)."""
-    return int((labels[:, 1:] != -100).sum())
+    return int(labelled(labels).sum())
 
 
 def gradable(examples: list, num_generate: int) -> list:

@@ -17,10 +17,10 @@ from torch.nn.utils.rnn import pad_sequence
 
 from lit_heads.data.records import Example
 from lit_heads.errors import ConfigError, DataError
+from lit_heads.heads.lm_loss import IGNORE_INDEX  # the one definition: the loss skips what the collator marks
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 _PROBE = "\u2063lit-heads-probe\u2063"  # text no real response contains, to find it in a rendering
 
 
