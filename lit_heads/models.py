@@ -415,14 +415,19 @@ def _dequantize_to(gguf: Path, target: Path) -> None:
         _internals.drop_quantizer(model)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not (target / "config.json").is_file():  # not a concurrent writer that won the race
-                raise
+        _publish(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Give a finished cache folder its final name in one rename; a concurrent writer that got there
+    first wins (both wrote the same model)."""
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
 
 # The weight dtypes a model can load in, by the names `model.dtype` takes.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -523,11 +528,7 @@ def _in_dtype(source: ModelSource, dtype: torch.dtype) -> ModelSource:
         tmp = temp_dir_for(target)
         try:
             AutoModelForCausalLM.from_pretrained(path, dtype=dtype).save_pretrained(tmp)
-            try:
-                os.replace(tmp, target)
-            except OSError:
-                if not (target / "config.json").is_file():  # not a concurrent writer that won the race
-                    raise
+            _publish(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return ModelSource(str(target), source.gguf_file, f"{source.description}, {name} copy {target}")
