@@ -252,12 +252,6 @@ def test_module_knob_and_gradient_checkpointing(tiny_llama_dir):
 # ------------------------------------------------------------------------------------------------
 # every causal-LM model type of the installed transformers (slow, like the architecture sweep)
 
-# Model types whose forward turns the decoder's output into logits in a way the chunked path does
-# not reproduce: it refuses them (HeadNotReproducible); `loss_chunk_size: 0` serves them.
-REFUSED = {
-    "prophetnet": "the n-gram decoder's forward predicts from streams other than the decoder's first output",
-    "xlm": "the head (`pred_layer`) returns a tuple, not logits",
-}
 
 
 @pytest.mark.slow
@@ -272,7 +266,7 @@ def test_every_model_type_gives_the_plain_losses_or_is_refused(model_type):
             plain = token_losses(model, _inputs(batch), batch["labels"], chunk_size=0)
     except Exception as err:  # the sweep documents these (XFAIL): no tiny model of the type runs offline
         pytest.skip(f"no tiny {model_type} runs: {type(err).__name__}: {str(err)[:200]}")
-    if model_type in REFUSED:
+    if model_type in arch_sweep.PLAIN_LOSS:
         with pytest.raises(HeadNotReproducible, match="loss_chunk_size: 0"):
             token_losses(model, _inputs(batch), batch["labels"], chunk_size=5)
         return
