@@ -20,26 +20,18 @@ from tiny_models import reference_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
-TINY = """
-model:
-  num_generate: 4
-  max_new_tokens: 6
-data:
-  train_size: 8
-  val_size: 4
-  max_length: 128
-trainer:
-  max_steps: 3
-  val_check_interval: 2
-  log_every_n_steps: 1
-"""
+# Over conftest's tiny overlay; batch_size 4 is the quickstart's own.
+TINY = {
+    "model": {"num_generate": 4, "max_new_tokens": 6},
+    "data": {"max_length": 128, "batch_size": 4},
+    "trainer": {"max_steps": 3, "val_check_interval": 2, "log_every_n_steps": 1},
+}
 
 
 @pytest.fixture
-def tiny_cfg(tmp_path, tiny_llama_dir, monkeypatch):
+def tiny_cfg(tmp_path, tiny_llama_dir, tiny_overlay, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the quickstart writes to ./runs/quickstart
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(TINY)
+    cfg = tiny_overlay(TINY)
     return ["--config", str(QUICKSTART), "--config", str(cfg), "--model.model", str(tiny_llama_dir)]
 
 

@@ -18,11 +18,11 @@ from tiny_models import reference_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 # 6 validation samples in batches of 4 and 2: a mean of batch means would differ from val/loss.
-TINY = """
-model: {num_generate: 4, max_new_tokens: 4}
-data: {train_size: 16, val_size: 6, max_length: 128, batch_size: 4}
-trainer: {max_steps: 4, val_check_interval: 2}
-"""
+TINY = {
+    "model": {"num_generate": 4, "max_new_tokens": 4},
+    "data": {"train_size": 16, "val_size": 6, "max_length": 128, "batch_size": 4},
+    "trainer": {"max_steps": 4, "val_check_interval": 2},
+}
 
 
 @pytest.mark.parametrize("spec, arm", [
@@ -75,9 +75,9 @@ def test_fit_flags_that_compare_owns_are_refused(tmp_path, capsys):
     assert exit_info.value.code == 2 and "--trainer.logger.init_args.name" in capsys.readouterr().err
 
 
-def test_compare_three_arms_writes_a_report_with_checked_numbers(tiny_llama_dir, tmp_path, monkeypatch):
+def test_compare_three_arms_writes_a_report_with_checked_numbers(tiny_llama_dir, tmp_path, tiny_overlay, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "tiny.yaml").write_text(TINY)
+    tiny_overlay(TINY)
     out = tmp_path / "cmp"
     main(["compare", "--config", str(ROOT / "configs" / "compare.yaml"), "--config", "tiny.yaml",
           "--arms", "full", "top:0.25", "lora:4", "--output", str(out), "--name", "test-group",

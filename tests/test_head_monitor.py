@@ -17,27 +17,27 @@ from lit_heads.heads.scoring import compute_ap
 from lit_heads.callbacks.head_monitor import HeadActivationMonitor
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = """
-model: {num_generate: 0}
-data: {train_size: 16, val_size: 8, max_length: 128, batch_size: 4}
-trainer:
-  max_steps: 4
-  val_check_interval: 2
-  log_every_n_steps: 1
-  callbacks:
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {dirpath: runs/quickstart/checkpoints, save_last: true, save_top_k: -1, every_n_train_steps: 2}
-    - class_path: lit_heads.callbacks.head_monitor.HeadActivationMonitor
-      init_args: {every_n_steps: 2, probe_size: 6, free: true, top_k: 3, dirpath: runs/quickstart/heads}
-    - class_path: lit_heads.callbacks.export.ExportHF
-      init_args: {dirpath: runs/quickstart/export}
-"""
+TINY = {
+    "data": {"train_size": 16, "val_size": 8, "max_length": 128, "batch_size": 4},
+    "trainer": {
+        "max_steps": 4,
+        "val_check_interval": 2,
+        "log_every_n_steps": 1,
+        "callbacks": [
+            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+             "init_args": {"dirpath": "runs/quickstart/checkpoints", "save_last": True, "save_top_k": -1, "every_n_train_steps": 2}},
+            {"class_path": "lit_heads.callbacks.head_monitor.HeadActivationMonitor",
+             "init_args": {"every_n_steps": 2, "probe_size": 6, "free": True, "top_k": 3, "dirpath": "runs/quickstart/heads"}},
+            {"class_path": "lit_heads.callbacks.export.ExportHF", "init_args": {"dirpath": "runs/quickstart/export"}},
+        ],
+    },
+}
 
 
 @pytest.fixture
-def fit_args(tmp_path, tiny_llama_dir, monkeypatch):
+def fit_args(tmp_path, tiny_llama_dir, tiny_overlay, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "tiny.yaml").write_text(TINY)
+    tiny_overlay(TINY)
     return ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--config", "tiny.yaml", "--model.model", str(tiny_llama_dir)]
 
 

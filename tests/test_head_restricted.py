@@ -286,16 +286,11 @@ def test_a_refused_resume_leaves_the_run_files_byte_identical(tiny_llama_dir, tm
     assert {f: f.read_bytes() for f in files} == before
 
 
-TINY_CLI = """
-model: {num_generate: 0}
-data: {train_size: 8, val_size: 4, max_length: 128, batch_size: 2}
-trainer: {max_steps: 2, val_check_interval: 2, log_every_n_steps: 1}
-"""
+TINY_CLI = {"data": {"max_length": 128}, "trainer": {"val_check_interval": 2, "log_every_n_steps": 1}}
 
 
-def cli_args(tmp_path, model_dir, *extra):
-    (tmp_path / "tiny.yaml").write_text(TINY_CLI)
-    return ["fit", "--config", str(ROOT / "configs" / "head_restricted.yaml"), "--config", str(tmp_path / "tiny.yaml"),
+def cli_args(tiny_overlay, model_dir, *extra):
+    return ["fit", "--config", str(ROOT / "configs" / "head_restricted.yaml"), "--config", str(tiny_overlay(TINY_CLI)),
             "--model.model", str(model_dir), *extra]
 
 
@@ -304,7 +299,7 @@ def cli_args(tmp_path, model_dir, *extra):
     ("{scores: other.safetensors}", "Activation pattern has shape 3 layers x 5 heads"),
     ("{strategy: list, heads: h.json, top_k: 2, fraction: null}", "strategy 'list' trains exactly"),
 ])
-def test_cli_option_errors_exit_2(init_args, needle, tiny_llama_dir, tmp_path, monkeypatch, capsys):
+def test_cli_option_errors_exit_2(init_args, needle, tiny_llama_dir, tmp_path, tiny_overlay, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     Pattern(torch.ones(3, 5)).save("other.safetensors")
     save_head_list("h.json", [(0, 1)])
@@ -315,17 +310,17 @@ def test_cli_option_errors_exit_2(init_args, needle, tiny_llama_dir, tmp_path, m
     ]
     config.write_text("trainer:\n  callbacks:\n" + "".join(f"    - {c}\n" for c in callbacks))
     with pytest.raises(SystemExit) as exit_info:
-        main([*cli_args(tmp_path, tiny_llama_dir), "--config", str(config)])
+        main([*cli_args(tiny_overlay, tiny_llama_dir), "--config", str(config)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
 
 
-def test_ddp_two_processes_train_the_same_exact_heads(tiny_llama_dir, tmp_path):
+def test_ddp_two_processes_train_the_same_exact_heads(tiny_llama_dir, tmp_path, tiny_overlay):
     # The shipped config as is (top 10% of 8 heads = 1 head, AP on all 8 training examples, the
     # monitor with its free AP, checkpoint, export), on 2 CPU processes.
     (tmp_path / "optim.yaml").write_text("model:\n  optimizer: {class_path: torch.optim.AdamW, init_args: {lr: 0.01, weight_decay: 0.1}}\n")
-    args = cli_args(tmp_path, tiny_llama_dir, "--trainer.devices", "2", "--trainer.strategy", "ddp",
+    args = cli_args(tiny_overlay, tiny_llama_dir, "--trainer.devices", "2", "--trainer.strategy", "ddp",
                     "--trainer.accelerator", "cpu", "--data.seed", str(DATA["seed"]), "--config", str(tmp_path / "optim.yaml"))
     result = subprocess.run([sys.executable, "-m", "lit_heads.cli", *args], cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
