@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -34,6 +35,7 @@ def test_ap_writes_pattern_heatmap_and_summary_matching_compute_ap(tmp_path, tin
     torch.testing.assert_close(pattern.scores, expected.scores, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.slow
 def test_ap_reads_a_yaml_config_and_flags_override_it(tmp_path, tiny_llama_dir):
     cfg = tmp_path / "ap.yaml"
     cfg.write_text(f"model: {tiny_llama_dir}\ndata: generated:code\nn_samples: 3\noutput: {tmp_path / 'from_yaml'}\n")
@@ -44,6 +46,7 @@ def test_ap_reads_a_yaml_config_and_flags_override_it(tmp_path, tiny_llama_dir):
     assert Pattern.load(tmp_path / "from_yaml" / "pattern.safetensors").meta["n_samples"] == 3
 
 
+@pytest.mark.slow
 def test_ap_errors_are_clear_and_exit_2(tmp_path, tiny_llama_dir):
     blocker = tmp_path / "a_file"
     blocker.write_text("keep me")

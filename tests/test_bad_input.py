@@ -316,6 +316,7 @@ def test_truncated_checkpoint_is_a_clear_error_from_the_checkpoint_io(tmp_path):
         AtomicCheckpointIO().load_checkpoint(tmp_path / "cut.ckpt")
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_fails_cleanly_in_a_real_process(ws, tiny_llama_dir):
     """The process exit status itself is 2 and stderr holds the message, not a traceback."""
     result = subprocess.run([sys.executable, "-m", "lit_heads.cli", *fit_args(ws, tiny_llama_dir, None, "--ckpt_path", "other_model.ckpt")],

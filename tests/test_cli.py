@@ -150,6 +150,7 @@ def test_validate_and_test_log_their_own_keys_with_the_token_weighted_loss(tiny_
     assert logged["test"]["test/acc"] == logged["val"]["val/acc"]
 
 
+@pytest.mark.slow
 def test_ddp_validation_loss_counts_every_sample_once_over_both_ranks(tiny_cfg, tmp_path, tiny_llama_dir):
     """5 samples on 2 ranks: Lightning's default sampler would repeat one to make 3 + 3."""
     result = run_cli("validate", *tiny_cfg, "--data.val_size", "5", "--data.batch_size", "2", "--model.num_generate", "0",
@@ -188,6 +189,7 @@ def test_sharegpt_data_without_answers_trains_and_reports_accuracy_as_not_applic
 
 
 # ddp: 5 validation samples in batches of 2 give the ranks 2 and 1 validation batches, each sample once.
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [["--trainer.devices", "2", "--trainer.strategy", "ddp", "--data.val_size", "5", "--data.batch_size", "2"],
                                    ["--trainer.precision", "bf16-mixed"]], ids=["ddp-cpu-2", "bf16-mixed"])
 def test_trainer_flags_for_devices_and_precision(tiny_cfg, tmp_path, flags):
@@ -197,6 +199,7 @@ def test_trainer_flags_for_devices_and_precision(tiny_cfg, tmp_path, flags):
     assert summary["steps"] == 3 and summary["after"]["val_loss"] < 50
 
 
+@pytest.mark.slow
 def test_unknown_model_is_a_clear_error_with_exit_2(tmp_path):
     result = run_cli("fit", "--config", str(QUICKSTART), "--model.model", "no-such-model", cwd=tmp_path)
     assert result.returncode == 2
@@ -204,6 +207,7 @@ def test_unknown_model_is_a_clear_error_with_exit_2(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_missing_data_file_is_a_clear_error_with_exit_2(tiny_cfg, tmp_path):
     result = run_cli("fit", *tiny_cfg, "--data.train", str(tmp_path / "nope.jsonl"), cwd=tmp_path)
     assert result.returncode == 2

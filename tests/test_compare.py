@@ -75,6 +75,7 @@ def test_fit_flags_that_compare_owns_are_refused(tmp_path, capsys):
     assert exit_info.value.code == 2 and "--trainer.logger.init_args.name" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_compare_three_arms_writes_a_report_with_checked_numbers(tiny_llama_dir, tmp_path, tiny_overlay, monkeypatch):
     monkeypatch.chdir(tmp_path)
     tiny_overlay(TINY)

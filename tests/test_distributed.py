@@ -19,7 +19,8 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 WORLD = 2
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+# Every test here launches processes (DDP workers or `lit_heads fit` on 2 ranks): slow.
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")]
 
 
 def _free_port() -> int:

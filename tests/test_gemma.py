@@ -321,6 +321,7 @@ def test_what_only_the_loaded_model_can_tell_is_left_to_the_load(tiny_llama_dir,
 # The real model
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_gemma_tokenizer_has_no_chat_template_so_prompts_are_plain_text():
     """Gemma 3 270M (the pretrained model, not the instruction-tuned one) ships no chat template, so

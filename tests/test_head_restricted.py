@@ -316,6 +316,7 @@ def test_cli_option_errors_exit_2(init_args, needle, tiny_llama_dir, tmp_path, t
     assert needle in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_train_the_same_exact_heads(tiny_llama_dir, tmp_path, tiny_overlay):
     # The shipped config as is (top 10% of 8 heads = 1 head, AP on all 8 training examples, the
     # monitor with its free AP, checkpoint, export), on 2 CPU processes.

@@ -306,6 +306,7 @@ def _ddp_batches():
     ]
 
 
+@pytest.mark.slow
 def test_distributed_all_reduce_equals_single_process(tmp_path):
     import torch.multiprocessing as mp
 

@@ -16,7 +16,7 @@ from lit_heads.heads.history import PatternHistory
 from lit_heads.models import load_model
 from lit_heads.module import response_loss
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 # train_size == batch_size: every step sees the same batch, so its loss must go down.
 SHORT = [

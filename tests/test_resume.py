@@ -229,6 +229,7 @@ def kill_and_resume(tmp: Path, model_dir: Path, *, restricted: bool) -> Path:
 # history, selection). Full SFT runs the same machinery (loader state, optimizer, scheduler) and
 # passes too ("full-sft"); it is left out of the default run to keep the suite within its time budget:
 # add False to the list to run it.
+@pytest.mark.slow
 @pytest.mark.parametrize("restricted", [True], ids=["head-restricted"])
 def test_sigkill_mid_epoch_then_resume_last_is_bit_exact(tmp_path, tiny_llama_dir, reference_runs, restricted):
     """Guarantee 1: weights, AP-monitor history/statistics and head selection of a killed+resumed run
@@ -324,6 +325,7 @@ else:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ckpt", "pattern"])
 def test_kill_during_write_leaves_the_previous_file_intact(tmp_path, kind):
     """Guarantee 1 (atomic files): a SIGKILL in the middle of writing last.ckpt / a pattern file
@@ -392,6 +394,7 @@ def wandb_ids(run: Path) -> list[str]:
     return sorted(p.name.rsplit("-", 1)[1] for p in (run / "wandb").glob("offline-run-*"))
 
 
+@pytest.mark.slow
 def test_kill_during_validation_then_resume_is_one_run_with_one_record_per_step(tmp_path, tiny_llama_dir):
     """Killed during the validation after step 8 (the checkpoint of step 8 was written before it):
     the resumed run validates step 8 again, metrics.jsonl holds the uninterrupted run's records, each
@@ -416,6 +419,7 @@ def test_kill_during_validation_then_resume_is_one_run_with_one_record_per_step(
     assert len(ids) == 2 and ids[0] == ids[1], ids  # two offline parts of one W&B run: `wandb sync` joins them
 
 
+@pytest.mark.slow
 def test_steps_replayed_after_a_resume_are_recorded_once(tmp_path, tiny_llama_dir):
     """Killed at step 8 and resumed from the checkpoint of step 6: steps 6 and 7 run twice, but
     metrics.jsonl (and the W&B run) hold each step once, with the uninterrupted run's values."""
@@ -467,6 +471,7 @@ def short_run(tmp_path_factory, tiny_llama_dir):
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ckpt", ["last", "file"])
 @pytest.mark.parametrize("change, flags, needle", [
     ("model", ["--model.model", "OTHER"], "model.model: "),
@@ -514,6 +519,7 @@ def warmup_cosine(step: int, total: int, base: float = 3.0e-3, warmup: int = 2, 
     return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+@pytest.mark.slow
 def test_more_steps_on_resume_rederive_the_schedule_for_the_new_total(tmp_path, tiny_llama_dir):
     """A run of 6 steps resumed with max_steps 10: from step 6 on, the learning rate follows the
     warmup-cosine schedule of 10 steps (it used to stay at the 6-step schedule's floor)."""
@@ -564,6 +570,7 @@ def test_ckpt_path_last_without_a_checkpoint_is_an_error_and_last_or_new_starts_
 # ---- temps of killed writes, and one fit per run folder ------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_fit_removes_the_temps_that_killed_writes_left_in_its_run_folder(tmp_path, tiny_llama_dir):
     run = tmp_path / "run"
     kill = "\n    - {class_path: test_resume.KillInCheckpointWrite, init_args: {step: 3}}"
@@ -584,6 +591,7 @@ def test_a_fit_removes_the_temps_that_killed_writes_left_in_its_run_folder(tmp_p
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == MAX_STEPS
 
 
+@pytest.mark.slow
 def test_a_second_fit_into_a_busy_run_folder_is_refused_and_the_first_is_untouched(tmp_path, tiny_llama_dir, capsys):
     run = tmp_path / "run"
     started, release = tmp_path / "started", tmp_path / "release"

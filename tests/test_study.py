@@ -578,6 +578,7 @@ def test_whole_study_on_two_tiny_models_side_by_side(tiny_llama_dir, tiny_gemma_
     assert not (tmp_path / "refused").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_quick_profile_on_the_bundled_model(tmp_path):
     import yaml
