@@ -36,7 +36,8 @@ def tiny_cfg(tmp_path, tiny_llama_dir, tiny_overlay, monkeypatch):
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lit_heads.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "lit_heads.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
 
 
 def read_metrics(run: Path) -> list[dict]:
@@ -69,7 +70,8 @@ def test_fit_writes_summary_checkpoint_and_reloadable_export(tiny_cfg, tmp_path,
     keys = set().union(*metrics)
     assert {"train/loss", "val/loss", "val/ppl", "val/acc", "lr-AdamW", "train/device/items_per_sec"} <= keys
     # LearningRateMonitor: the learning rate of each step, here in the warmup (lr 3e-4, 5 warmup steps).
-    assert [(m["step"], m["lr-AdamW"]) for m in metrics if "lr-AdamW" in m] == pytest.approx([(k, 3e-4 * (k + 1) / 6) for k in range(3)])
+    assert [(m["step"], m["lr-AdamW"]) for m in metrics if "lr-AdamW" in m] == pytest.approx(
+        [(k, 3e-4 * (k + 1) / 6) for k in range(3)])
     # TokenThroughput counts real tokens: after 3 steps of batch 4 on 8 samples, both batches of
     # epoch 0 and the first batch of epoch 1.
     dm = tiny_data(tiny_llama_dir)
@@ -94,7 +96,8 @@ def test_fit_writes_summary_checkpoint_and_reloadable_export(tiny_cfg, tmp_path,
 
 def files_under(folder: Path) -> dict[str, bytes]:
     # Not symlinks: W&B links each run's logs/debug-core.log to its service's one log in ~/.cache/wandb.
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()}
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.is_symlink()}
 
 
 def test_default_root_dir_alone_moves_every_output_and_leaves_the_previous_run_alone(tiny_cfg, tmp_path):
@@ -140,7 +143,8 @@ def test_validate_and_test_log_their_own_keys_with_the_token_weighted_loss(tiny_
     logged = {}
     for stage, folder in (("val", "validate"), ("test", "test")):
         rows = [m for m in read_metrics(tmp_path / "runs" / folder) if any(k.startswith(f"{stage}/") for k in m)]
-        values = {k: v for m in rows for k, v in m.items() if k.split("/")[0] in ("val", "test") and k.split("/")[1] in ("loss", "ppl", "acc")}
+        values = {k: v for m in rows for k, v in m.items()
+                  if k.split("/")[0] in ("val", "test") and k.split("/")[1] in ("loss", "ppl", "acc")}
         assert set(values) == {f"{stage}/loss", f"{stage}/ppl", f"{stage}/acc"}, values  # test is not logged as val/*
         assert values[f"{stage}/loss"] == pytest.approx(expected, rel=1e-5)
         assert values[f"{stage}/ppl"] == pytest.approx(math.exp(values[f"{stage}/loss"]), rel=1e-5)
@@ -153,10 +157,12 @@ def test_validate_and_test_log_their_own_keys_with_the_token_weighted_loss(tiny_
 @pytest.mark.slow
 def test_ddp_validation_loss_counts_every_sample_once_over_both_ranks(tiny_cfg, tmp_path, tiny_llama_dir):
     """5 samples on 2 ranks: Lightning's default sampler would repeat one to make 3 + 3."""
-    result = run_cli("validate", *tiny_cfg, "--data.val_size", "5", "--data.batch_size", "2", "--model.num_generate", "0",
+    result = run_cli("validate", *tiny_cfg, "--data.val_size", "5", "--data.batch_size", "2", "--model.num_generate",
+                     "0",
                      "--trainer.devices", "2", "--trainer.strategy", "ddp", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    values = {k: v for m in read_metrics(tmp_path / "runs" / "quickstart") for k, v in m.items() if k in ("val/loss", "val/ppl")}
+    values = {k: v for m in read_metrics(tmp_path / "runs" / "quickstart") for k, v in m.items() if k in ("val/loss",
+                                                                                                          "val/ppl")}
     expected = reference_losses(tiny_llama_dir, tiny_data(tiny_llama_dir, val_size=5, batch_size=2).val_dataloader())[0]
     assert values["val/loss"] == pytest.approx(expected, rel=1e-5)
     assert values["val/ppl"] == pytest.approx(math.exp(values["val/loss"]), rel=1e-5)
@@ -190,7 +196,9 @@ def test_sharegpt_data_without_answers_trains_and_reports_accuracy_as_not_applic
 
 # ddp: 5 validation samples in batches of 2 give the ranks 2 and 1 validation batches, each sample once.
 @pytest.mark.slow
-@pytest.mark.parametrize("flags", [["--trainer.devices", "2", "--trainer.strategy", "ddp", "--data.val_size", "5", "--data.batch_size", "2"],
+@pytest.mark.parametrize("flags",
+                         [["--trainer.devices", "2", "--trainer.strategy", "ddp", "--data.val_size", "5",
+                           "--data.batch_size", "2"],
                                    ["--trainer.precision", "bf16-mixed"]], ids=["ddp-cpu-2", "bf16-mixed"])
 def test_trainer_flags_for_devices_and_precision(tiny_cfg, tmp_path, flags):
     result = run_cli("fit", *tiny_cfg, *flags, cwd=tmp_path)

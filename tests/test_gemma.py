@@ -283,7 +283,6 @@ def test_heads_are_checked_from_the_config_alone(tmp_path, tiny_llama_dir, monke
     the same message), also where only a forward pass shows it (DeepSeek V2's latent attention), and
     passes a model whose heads are found."""
     from arch_sweep import tiny_model
-
     from lit_heads.heads.layout import HeadsNotFound, find_heads
 
     mla = tiny_model("deepseek_v2")

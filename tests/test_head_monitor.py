@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from lit_heads.callbacks.head_monitor import HeadActivationMonitor
 from lit_heads.cli import main
 from lit_heads.data import SFTDataModule
 from lit_heads.errors import ConfigError
 from lit_heads.heads.history import PatternHistory
 from lit_heads.heads.scoring import compute_ap
-from lit_heads.callbacks.head_monitor import HeadActivationMonitor
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -25,9 +25,11 @@ TINY = {
         "log_every_n_steps": 1,
         "callbacks": [
             {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-             "init_args": {"dirpath": "runs/quickstart/checkpoints", "save_last": True, "save_top_k": -1, "every_n_train_steps": 2}},
+             "init_args": {"dirpath": "runs/quickstart/checkpoints", "save_last": True, "save_top_k": -1,
+                           "every_n_train_steps": 2}},
             {"class_path": "lit_heads.callbacks.head_monitor.HeadActivationMonitor",
-             "init_args": {"every_n_steps": 2, "probe_size": 6, "free": True, "top_k": 3, "dirpath": "runs/quickstart/heads"}},
+             "init_args": {"every_n_steps": 2, "probe_size": 6, "free": True, "top_k": 3,
+                           "dirpath": "runs/quickstart/heads"}},
             {"class_path": "lit_heads.callbacks.export.ExportHF", "init_args": {"dirpath": "runs/quickstart/export"}},
         ],
     },
@@ -38,7 +40,8 @@ TINY = {
 def fit_args(tmp_path, tiny_llama_dir, tiny_overlay, monkeypatch):
     monkeypatch.chdir(tmp_path)
     tiny_overlay(TINY)
-    return ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--config", "tiny.yaml", "--model.model", str(tiny_llama_dir)]
+    return ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--config", "tiny.yaml", "--model.model",
+            str(tiny_llama_dir)]
 
 
 def probe_batches(model_dir):
@@ -58,7 +61,8 @@ def test_monitor_records_schedule_and_exact_patterns(fit_args, tmp_path, tiny_ll
     # (other batching, fresh model objects): step 0 from the base model, step 4 from the export.
     batches = probe_batches(tiny_llama_dir)
     base = compute_ap(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), batches, progress=False).scores
-    final = compute_ap(AutoModelForCausalLM.from_pretrained(tmp_path / "runs/quickstart/export"), batches, progress=False).scores
+    final = compute_ap(AutoModelForCausalLM.from_pretrained(tmp_path / "runs/quickstart/export"), batches,
+                       progress=False).scores
     torch.testing.assert_close(history.scores[0], base, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(history.scores[-1], final, rtol=1e-4, atol=1e-7)
     assert not torch.allclose(history.scores[0], history.scores[-1], rtol=1e-3)  # training moved it
@@ -83,7 +87,8 @@ def test_resume_continues_the_history(fit_args, tmp_path):
         assert torch.equal(a, b)  # restored from the checkpoint, not recomputed
 
 
-@pytest.mark.parametrize("kwargs, message", [({"probe_size": 0}, "probe_size"), ({"every_n_steps": 0}, "every_n_steps")])
+@pytest.mark.parametrize("kwargs, message",
+                         [({"probe_size": 0}, "probe_size"), ({"every_n_steps": 0}, "every_n_steps")])
 def test_bad_options_are_config_errors(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         HeadActivationMonitor(**kwargs)

@@ -43,7 +43,8 @@ def test_quickstart_fit_on_the_bundled_model(tmp_path):
     exported = AutoModelForCausalLM.from_pretrained(run / "export")
     with torch.no_grad():
         before = response_loss(base(batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
-        after = response_loss(exported(batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
+        after = response_loss(exported(batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                              batch["labels"])
         assert after < before * 0.9, (float(before), float(after))
         # The checkpoint and the export hold the same trained weights.
         from_ckpt = load_model(summary["checkpoint"])

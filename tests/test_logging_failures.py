@@ -44,7 +44,8 @@ def fit(tmp_path, tiny_llama_dir, tiny_overlay, monkeypatch):
     wandb.teardown()  # wandb keeps the settings (mode, key) of its first run in a process-wide singleton
 
     def run():
-        main(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--config", "tiny.yaml", "--model.model", str(tiny_llama_dir)])
+        main(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--config", "tiny.yaml", "--model.model",
+              str(tiny_llama_dir)])
         rows = [json.loads(line) for line in (tmp_path / "wb" / "metrics.jsonl").read_text().splitlines()]
         assert sorted({r["step"] for r in rows if "train/loss" in r}) == [0, 1, 2]  # every step's loss, on disk
         assert any("val/loss" in r for r in rows)

@@ -270,9 +270,11 @@ TINY = {
         "val_check_interval": 2,
         "log_every_n_steps": 1,
         "callbacks": [
-            {"class_path": "lit_heads.callbacks.lora.LoRAFinetuning", "init_args": {"r": 4, "targets": ["q_proj", "o_proj"]}},
+            {"class_path": "lit_heads.callbacks.lora.LoRAFinetuning",
+             "init_args": {"r": 4, "targets": ["q_proj", "o_proj"]}},
             {"class_path": "lit_heads.callbacks.head_monitor.HeadActivationMonitor",
-             "init_args": {"every_n_steps": 2, "probe_size": 6, "free": True, "top_k": 3, "dirpath": "runs/quickstart/heads"}},
+             "init_args": {"every_n_steps": 2, "probe_size": 6, "free": True, "top_k": 3,
+                           "dirpath": "runs/quickstart/heads"}},
             {"class_path": "lit_heads.callbacks.export.ExportHF", "init_args": {"dirpath": "runs/quickstart/export"}},
         ],
     },

@@ -45,13 +45,16 @@ def run(tiny_overlay, model_dir, value: str, extra: dict | None = None) -> list[
         *([extra] if extra else []),
     ]
     tiny_overlay({**TINY, "trainer": {**TINY["trainer"], "callbacks": callbacks}})
-    return ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--config", "tiny.yaml", "--model.model", str(model_dir)]
+    return ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--config", "tiny.yaml", "--model.model",
+            str(model_dir)]
 
 
 # (inf logits give a NaN cross-entropy, so the injected fault is NaN; an inf loss takes the same path:
 # torch.isfinite is False for both.)
 @pytest.mark.parametrize("value", ["nan"])
-def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_llama_dir, tiny_overlay, monkeypatch, capsys, value):
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_llama_dir,
+                                                                                  tiny_overlay, monkeypatch, capsys,
+                                                                                  value):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         main(run(tiny_overlay, tiny_llama_dir, value))
@@ -63,7 +66,8 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     assert last["global_step"] == BAD_STEP  # no checkpoint was written for the bad step
     assert all(torch.isfinite(t).all() for t in last["state_dict"].values())
     # last.ckpt is the good step-2 checkpoint, byte for byte: nothing rewrote it after the NaN.
-    assert (tmp_path / "ck" / "last.ckpt").read_bytes() == (tmp_path / "ck" / f"epoch=0-step={BAD_STEP}.ckpt").read_bytes()
+    good = (tmp_path / "ck" / f"epoch=0-step={BAD_STEP}.ckpt").read_bytes()
+    assert (tmp_path / "ck" / "last.ckpt").read_bytes() == good
     assert not (tmp_path / "export").exists()  # a failed run exports nothing
 
 
@@ -79,5 +83,6 @@ def test_skip_true_skips_the_bad_batch_and_finishes(tmp_path, tiny_llama_dir, ti
     assert after["callbacks"]["NanGuard"]["skipped_steps"] == [BAD_STEP]
     final = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)
     assert final["global_step"] == 4 and all(torch.isfinite(t).all() for t in final["state_dict"].values())
-    assert not torch.equal(final["state_dict"]["model.lm_head.weight"], after["state_dict"]["model.lm_head.weight"])  # training went on
+    # training went on
+    assert not torch.equal(final["state_dict"]["model.lm_head.weight"], after["state_dict"]["model.lm_head.weight"])
     assert (tmp_path / "export" / "config.json").is_file()

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from tiny_models import sft_batch, tiny_model
 
 from lit_heads.heads.restrict import HeadRestriction
+from tiny_models import sft_batch, tiny_model
 
 HEADS = [(0, 1), (1, 2)]
 WORLD = 2

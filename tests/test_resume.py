@@ -105,7 +105,8 @@ def config(model_dir: Path, run: Path, *, restricted: bool, kill_at: int | None,
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
       init_args: {{dirpath: {run}/checkpoints, every_n_train_steps: 1, save_last: true, save_top_k: -1}}
     - class_path: lit_heads.callbacks.head_monitor.HeadActivationMonitor
-      init_args: {{every_n_steps: 3, probe: val, probe_size: 4, free: true, top_k: 3, log_table: false, dirpath: {run}/heads}}
+      init_args: {{every_n_steps: 3, probe: val, probe_size: 4, free: true, top_k: 3, log_table: false,
+                   dirpath: {run}/heads}}
     - class_path: lit_heads.callbacks.export.ExportHF
       init_args: {{dirpath: {run}/export}}"""
     if restricted:
@@ -175,7 +176,8 @@ def assert_same_run(ref: Path, resumed: Path) -> None:
     a, b = final_weights(ref), final_weights(resumed)
     assert a.keys() == b.keys()
     differing = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not differing, f"resumed weights differ from the uninterrupted run in {len(differing)} tensors, e.g. {differing[:3]}"
+    assert not differing, (f"resumed weights differ from the uninterrupted run in {len(differing)} tensors, "
+                           f"e.g. {differing[:3]}")
     # The exported (merged) model too: the weights a user takes away.
     from safetensors.torch import load_file
 
@@ -184,7 +186,8 @@ def assert_same_run(ref: Path, resumed: Path) -> None:
 
     from lit_heads.heads.history import PatternHistory
 
-    ha, hb = PatternHistory.load(ref / "heads" / "ap_history.safetensors"), PatternHistory.load(resumed / "heads" / "ap_history.safetensors")
+    ha = PatternHistory.load(ref / "heads" / "ap_history.safetensors")
+    hb = PatternHistory.load(resumed / "heads" / "ap_history.safetensors")
     assert ha.steps == hb.steps == [0, 3, 6, 9, 10]
     assert all(torch.equal(x, y) for x, y in zip(ha.scores, hb.scores))
     # The monitor's logged statistics after the resume point match the reference's, value for value.
@@ -248,7 +251,8 @@ def test_datamodule_train_loader_is_resumable(tiny_llama_dir):
 
     from lit_heads.data import SFTDataModule
 
-    dm = SFTDataModule(tokenizer=str(tiny_llama_dir), train="generated:arithmetic", train_size=8, val_size=2, max_length=96)
+    dm = SFTDataModule(tokenizer=str(tiny_llama_dir), train="generated:arithmetic", train_size=8, val_size=2,
+                       max_length=96)
     loader = dm.train_dataloader()
     assert isinstance(loader, _Stateful)
     sampler = loader.sampler
@@ -363,10 +367,13 @@ def test_atomic_checkpoint_io_is_used_by_fit_and_respects_a_configured_plugin(tm
     monkeypatch.chdir(tmp_path)
     calls = []
     original = AtomicCheckpointIO.save_checkpoint
-    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", lambda self, c, p, storage_options=None: (calls.append(Path(p).name), original(self, c, p, storage_options))[1])
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint",
+                        lambda self, c, p, storage_options=None: (calls.append(Path(p).name),
+                                                                  original(self, c, p, storage_options))[1])
     args = ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--model.model", str(tiny_llama_dir),
             "--model.num_generate", "0", "--data.train_size", "4", "--data.val_size", "2", "--data.max_length", "96",
-            "--trainer.max_steps", "2", "--trainer.logger", "false", "--trainer.callbacks", "lightning.pytorch.callbacks.ModelCheckpoint",
+            "--trainer.max_steps", "2", "--trainer.logger", "false", "--trainer.callbacks",
+            "lightning.pytorch.callbacks.ModelCheckpoint",
             "--trainer.callbacks.dirpath", "ck", "--trainer.callbacks.save_last", "true",
             "--trainer.callbacks.every_n_train_steps", "1",
             # a plugin of the user's own: here a cluster-environment plugin
