@@ -238,6 +238,7 @@ def test_accuracy_needs_checkable_examples(tiny_setup):
         analysis.Evaluator(module, datamodule, plain, num_generate=1)
 
 
+@pytest.mark.slow
 def test_run_ablation_rows_and_report_files_read_back(tiny_setup, tmp_path):
     module, datamodule, examples = tiny_setup
     evaluator = analysis.Evaluator(module, datamodule, examples, num_generate=1)

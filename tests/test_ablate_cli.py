@@ -24,6 +24,7 @@ def run_cli(args: list[str]) -> None:
     main(["ablate", *args])
 
 
+@pytest.mark.slow
 def test_ablate_reads_a_yaml_config_and_ranks_by_the_ap_it_computed(tmp_path, tiny_llama_dir, capsys, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")  # the logger of configs/ablate.yaml still mirrors to metrics.jsonl
     out = tmp_path / "out"

@@ -50,6 +50,7 @@ def tiny_data(model_dir, **overrides) -> SFTDataModule:
                          **{**dict(train_size=8, val_size=4, max_length=128, batch_size=4, seed=42), **overrides})
 
 
+@pytest.mark.slow
 def test_fit_writes_summary_checkpoint_and_reloadable_export(tiny_cfg, tmp_path, tiny_llama_dir):
     main(["fit", *tiny_cfg])
     run = tmp_path / "runs" / "quickstart"
@@ -100,6 +101,7 @@ def files_under(folder: Path) -> dict[str, bytes]:
             if p.is_file() and not p.is_symlink()}
 
 
+@pytest.mark.slow
 def test_default_root_dir_alone_moves_every_output_and_leaves_the_previous_run_alone(tiny_cfg, tmp_path):
     main(["fit", *tiny_cfg, "--trainer.max_steps", "1"])
     previous = tmp_path / "runs" / "quickstart"
@@ -132,6 +134,7 @@ def test_print_config_shows_every_section(tiny_cfg, capsys):
     assert "tokenizer" not in out.split("data:")[1].split("trainer:")[0]
 
 
+@pytest.mark.slow
 def test_validate_and_test_log_their_own_keys_with_the_token_weighted_loss(tiny_cfg, tmp_path, tiny_llama_dir, capsys):
     # 5 validation samples in batches of 2, 2 and 1: the response tokens per batch are uneven.
     data = ["--data.val_size", "5", "--data.batch_size", "2"]
@@ -168,6 +171,7 @@ def test_ddp_validation_loss_counts_every_sample_once_over_both_ranks(tiny_cfg, 
     assert values["val/ppl"] == pytest.approx(math.exp(values["val/loss"]), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_resumed_fit_summary_reports_the_run_start_as_before(tiny_cfg, tmp_path):
     main(["fit", *tiny_cfg, "--trainer.max_steps", "2"])
     run = tmp_path / "runs" / "quickstart"
@@ -179,6 +183,7 @@ def test_resumed_fit_summary_reports_the_run_start_as_before(tiny_cfg, tmp_path)
     assert resumed["after"]["val_loss"] != first["after"]["val_loss"]
 
 
+@pytest.mark.slow
 def test_sharegpt_data_without_answers_trains_and_reports_accuracy_as_not_applicable(tiny_cfg, tmp_path, caplog):
     records = [{"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": f"Say {w}."},
                                   {"from": "gpt", "value": f"{w}!"}]} for w in ("hi", "yes", "no", "ok", "bye", "go")]

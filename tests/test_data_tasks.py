@@ -122,6 +122,7 @@ def test_multistep_is_long_with_distractors_and_a_correct_worked_solution():
     assert max(int(e.answer) for e in examples) >= 100, "numbers larger than the short tasks'"
 
 
+@pytest.mark.slow
 def test_multistep_code_programs_run_to_the_answer_and_wrong_programs_fail():
     examples = generate_task("multistep_code", 60, seed=9)
     for example in examples:

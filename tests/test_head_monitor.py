@@ -50,6 +50,7 @@ def probe_batches(model_dir):
     return list(dm.make_dataloader(dm.val_examples[:6]))
 
 
+@pytest.mark.slow
 def test_monitor_records_schedule_and_exact_patterns(fit_args, tmp_path, tiny_llama_dir):
     main(fit_args)
     heads_dir = tmp_path / "runs" / "quickstart" / "heads"
@@ -76,6 +77,7 @@ def test_monitor_records_schedule_and_exact_patterns(fit_args, tmp_path, tiny_ll
     assert any("heads_free/gini" in m for m in metrics)  # the free pattern from the training backward
 
 
+@pytest.mark.slow
 def test_resume_continues_the_history(fit_args, tmp_path):
     main([*fit_args, "--trainer.max_steps", "2"])
     first = PatternHistory.load(tmp_path / "runs/quickstart/heads/ap_history.safetensors")

@@ -111,6 +111,7 @@ def ap_top(model_dir, k: int) -> list[tuple[int, int]]:
     return select_heads("top", *scores.shape, top_k=k, scores=scores)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_fit_trains_exactly_the_top_heads(arch, request, tmp_path):
     model_dir = request.getfixturevalue("tiny_llama_dir" if arch == "llama" else "tiny_gpt2_dir")
@@ -172,6 +173,7 @@ def test_random_kv_none_and_head_list(tiny_llama_dir, tmp_path):
     assert listed.selected == [(0, 0), (1, 3)]
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_llama_dir, tmp_path):
     # One batch per epoch: every step sees the same batch, so the comparison does not depend on
     # how Lightning replays a partly consumed data loader after a resume (not what is tested here).

@@ -13,6 +13,8 @@ import torch
 from lit_heads.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
+# Every test here is a whole fit (3 steps) through the CLI: slow.
+pytestmark = pytest.mark.slow
 TINY = {
     "data": {"val_size": 2},
     "trainer": {

@@ -214,6 +214,7 @@ def test_fit_trains_only_the_adapters_and_exports_the_merged_model(tiny_llama_di
     assert not torch.allclose(logits, base(input_ids=inspect.batch["input_ids"]).logits, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_adapters_and_the_checkpoint_merges(tiny_llama_dir, tmp_path):
     data = {**DATA, "train_size": 4}  # one batch per epoch: every step sees the same batch
     straight, _ = fit(tiny_llama_dir, tmp_path / "straight", LoRAFinetuning(r=2), max_steps=4, data=data,
@@ -281,6 +282,7 @@ TINY = {
 }
 
 
+@pytest.mark.slow
 def test_cli_lora_fit_monitors_heads_through_the_wrapper(tmp_path, tiny_llama_dir, tiny_overlay, monkeypatch):
     monkeypatch.chdir(tmp_path)
     tiny_overlay(TINY)

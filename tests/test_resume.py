@@ -553,6 +553,7 @@ def test_more_steps_on_resume_rederive_the_schedule_for_the_new_total(tmp_path, 
 # ---- --ckpt_path last with nothing to resume -----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ckpt_path_last_without_a_checkpoint_is_an_error_and_last_or_new_starts_fresh(tmp_path, tiny_llama_dir, capsys):
     run = tmp_path / "run"
     code, err = in_process(tmp_path, "a", tiny_llama_dir, run, "--ckpt_path", "last", "--trainer.max_steps", "2",

@@ -555,6 +555,7 @@ def tiny_gemma_dir(tmp_path_factory, bundled_tokenizer):
     return path
 
 
+@pytest.mark.slow
 def test_whole_study_on_two_tiny_models_side_by_side(tiny_llama_dir, tiny_gemma_dir, tmp_path, capsys):
     from lit_heads.cli import main as cli_main
 
