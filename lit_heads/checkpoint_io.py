@@ -6,7 +6,8 @@ temp folder and the checkpoint folder are on different filesystems (tmpfs /tmp, 
 scratch disk for runs: the usual cluster layout) that move is a plain copy onto `last.ckpt`, and a
 kill during the copy leaves a truncated `last.ckpt` where a good one was; nothing is fsync'ed
 either. `AtomicCheckpointIO` writes through `lit_heads.atomic.atomic_write`: a temp file *in the
-checkpoint's own folder*, fsynced and `os.replace`d over the target (atomic on POSIX and Windows), so a reader, a resume or a crash
+checkpoint's own folder*, fsynced and `os.replace`d over the target (atomic on POSIX and Windows),
+so a reader, a resume or a crash
 sees the old file or the new one, never a mix. This covers `last.ckpt` too: with
 `ModelCheckpoint(save_last=True)` it is written through the same `save_checkpoint` call. (With
 `save_last="link"` Lightning replaces the link itself, by remove + symlink: a kill in between
@@ -80,7 +81,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         """Serialise into the open temp file (a seam for tests that kill the process mid-write)."""
         torch.save(checkpoint, f)
 
-    def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only: Optional[bool] = None) -> dict[str, Any]:
+    def load_checkpoint(self, path, map_location=lambda storage, loc: storage,
+                        weights_only: Optional[bool] = None) -> dict[str, Any]:
         local = _internals.is_local_path(str(path))
         if local and Path(path).is_dir():
             raise ModelError(checkpoint_is_a_directory(path))
@@ -91,7 +93,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except Exception as err:  # torch raises RuntimeError/EOFError/UnpicklingError... for a bad file
             raise unreadable_checkpoint(path, err) from None
         if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-            raise ModelError(f"{path} is not a Lightning checkpoint (it has no 'state_dict'). Give a .ckpt written by `lit_heads fit`.")
+            raise ModelError(f"{path} is not a Lightning checkpoint (it has no 'state_dict'). Give a .ckpt written by "
+                             "`lit_heads fit`.")
         if self.expected_shapes is not None:
             _check_fits(path, checkpoint, self.expected_shapes(), self.strict)
         return checkpoint
@@ -109,7 +112,8 @@ def _check_fits(path, checkpoint: dict, expected: dict[str, tuple], strict: bool
     details = []
     if wrong:
         k = sorted(wrong)[0]
-        details.append(f"{len(wrong)} tensors have another shape (e.g. {k}: {list(saved[k])} in the checkpoint, {list(expected[k])} in this model)")
+        details.append(f"{len(wrong)} tensors have another shape (e.g. {k}: {list(saved[k])} in the checkpoint, "
+                       f"{list(expected[k])} in this model)")
     if missing:
         details.append(f"{len(missing)} tensors of this model are missing (e.g. {missing[:2]})")
     if unexpected:

@@ -58,7 +58,8 @@ def _netrc_has_key() -> bool:
 class WandbLogger(_LightningWandbLogger):
     """Lightning's WandbLogger with automatic offline mode, a local metrics mirror and error tolerance."""
 
-    def __init__(self, name: str | None = None, save_dir: str | None = None, project: str = "lit_heads", offline: bool | None = None, group: str | None = None, **kwargs: Any):
+    def __init__(self, name: str | None = None, save_dir: str | None = None, project: str = "lit_heads",
+                 offline: bool | None = None, group: str | None = None, **kwargs: Any):
         """
         Args:
             name: display name of the run.
@@ -86,12 +87,14 @@ class WandbLogger(_LightningWandbLogger):
         self.metrics_file = Path(save_dir) / "metrics.jsonl"
         self._failed = False
         if offline:
-            rank_zero_warn(f"W&B runs offline ({reason}); upload later with `wandb sync {Path(save_dir) / 'wandb'}/offline-run-*`.")
+            rank_zero_warn(f"W&B runs offline ({reason}); upload later with `wandb sync "
+                           f"{Path(save_dir) / 'wandb'}/offline-run-*`.")
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         # log_text/log_table/log_image arrive here too, as W&B objects: only numbers go to the mirror.
-        numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) or (hasattr(v, "item") and getattr(v, "numel", lambda: 0)() == 1)}
+        numbers = {k: float(v) for k, v in metrics.items()
+                   if isinstance(v, (int, float)) or (hasattr(v, "item") and getattr(v, "numel", lambda: 0)() == 1)}
         if numbers:
             with open(self.metrics_file, "a") as f:
                 f.write(json.dumps({"step": step, **numbers}) + "\n")
@@ -202,7 +205,8 @@ class WandbLogger(_LightningWandbLogger):
             fn(*args, **kwargs)
         except Exception as err:  # W&B trouble must not cost the user a training run
             self._failed = True
-            rank_zero_warn(f"W&B logging failed ({type(err).__name__}: {err}); training continues and metrics go on to {self.metrics_file}.")
+            rank_zero_warn(f"W&B logging failed ({type(err).__name__}: {err}); training continues and metrics go on to "
+                           f"{self.metrics_file}.")
 
     @property
     def run_dir(self) -> str | None:

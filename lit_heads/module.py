@@ -278,7 +278,8 @@ class SFTModule(L.LightningModule):
         for logger in self.loggers:
             if hasattr(logger, "log_text"):
                 try:
-                    logger.log_text(key=key, columns=["prompt", "generated", "answer", "correct"], data=rows, step=self.global_step)
+                    logger.log_text(key=key, columns=["prompt", "generated", "answer", "correct"], data=rows,
+                                    step=self.global_step)
                 except Exception as err:  # a logging failure must never stop training
                     rank_zero_info(f"lit_heads: could not log sample table: {err}")
 

@@ -23,7 +23,8 @@ class WarmupCosine(LambdaLR):
     `min_lr_ratio * lr` at `total_steps`. `total_steps=None` means "the Trainer's estimated number of
     optimizer steps", filled in by the module before training starts."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int = 10, total_steps: int | None = None, min_lr_ratio: float = 0.1):
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int = 10, total_steps: int | None = None,
+                 min_lr_ratio: float = 0.1):
         self.warmup_steps = warmup_steps
         self.total_steps = total_steps
         self.min_lr_ratio = min_lr_ratio

@@ -14,7 +14,8 @@ change is refused, naming each difference:
   of any callback with a `resume_differences` method).
 
 What may change: validation and generation settings (`num_generate`, `max_new_tokens`),
-`attn_implementation`, `gradient_checkpointing` (and its `_reentrant` choice), `data.num_workers`, and the trainer's length
+`attn_implementation`, `gradient_checkpointing` (and its `_reentrant` choice), `data.num_workers`,
+and the trainer's length
 (`max_steps`): with more steps the learning-rate schedule is re-derived for the new total from the
 resume step on (see `lit_heads.checkpoint_io.CheckpointSafety`), which this module announces.
 """

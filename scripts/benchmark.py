@@ -175,8 +175,10 @@ def throughput(args) -> dict:
     ratio = statistics.median(ratios)
     return {
         "what": f"training tokens/s, batch {args.batch_size} x <= {args.max_length} tokens ({timed_tokens} real tokens "
-                f"timed per round), AdamW, fp32 on {device.type}, {args.steps} timed + {args.warmup} warmup steps x {args.rounds} rounds",
-        "rows": [["throughput", "tokens/s (plain PyTorch | lit_heads fit)", statistics.median(plain), statistics.median(lit),
+                f"timed per round), AdamW, fp32 on {device.type}, {args.steps} timed + {args.warmup} warmup steps x "
+                f"{args.rounds} rounds",
+        "rows": [["throughput", "tokens/s (plain PyTorch | lit_heads fit)", statistics.median(plain),
+                  statistics.median(lit),
                   ratio, ">= 0.95", ratio >= 0.95]],
         "plain_tokens_per_s": plain,
         "lit_heads_tokens_per_s": lit,
@@ -297,14 +299,16 @@ def ap(args) -> dict:
     n = len(samples)
     s_ref, s_fast = sum(x["seconds"] for x in ref), sum(x["seconds"] for x in fast)
     return {
-        "what": (f"{n} GSM8K test samples ({min(lengths)}-{max(lengths)} tokens, mean {statistics.mean(lengths):.0f}) in "
-                 f"{args.ap_rounds} rounds x {args.ap_chunk}; reference: eager, padded to 1024, batch 1; lit_heads: "
+        "what": (f"{n} GSM8K test samples ({min(lengths)}-{max(lengths)} tokens, mean {statistics.mean(lengths):.0f}) "
+                 f"in {args.ap_rounds} rounds x {args.ap_chunk}; reference: eager, padded to 1024, batch 1; lit_heads: "
                  f"compute_ap, sdpa, batch {args.ap_batch}, dynamic padding; float32"),
         "rows": [
-            ["ap", "seconds per sample (reference | lit_heads)", s_ref / n, s_fast / n, speed, ">= 5 (speed-up)", speed >= 5],
+            ["ap", "seconds per sample (reference | lit_heads)", s_ref / n, s_fast / n, speed, ">= 5 (speed-up)",
+             speed >= 5],
             ["ap", "max relative difference of the two patterns", None, None, err, "<= 1e-4", err <= 1e-4],
             ["ap", "peak RSS MiB (reference | lit_heads)", peak_ref, peak_fast, peak_ref / peak_fast, "reported", None],
-            ["ap", "peak RSS above loaded model MiB", inc_ref, inc_fast, inc_ref / max(inc_fast, 1e-9), "reported", None],
+            ["ap", "peak RSS above loaded model MiB", inc_ref, inc_fast, inc_ref / max(inc_fast, 1e-9), "reported",
+             None],
         ],
         "n_samples": n,
         "token_lengths": lengths,
@@ -313,8 +317,9 @@ def ap(args) -> dict:
         "speed_ratios": ratios,
         "speed_ratio_median": speed,
         "max_rel_diff": err,
-        "max_rel_diff_per_round": [float(((torch.tensor(b["ap"]) - torch.tensor(a["ap"])).abs() / torch.tensor(a["ap"]).abs()).max())
-                                   for a, b in zip(ref, fast)],
+        "max_rel_diff_per_round": [
+            float(((torch.tensor(b["ap"]) - torch.tensor(a["ap"])).abs() / torch.tensor(a["ap"]).abs()).max())
+            for a, b in zip(ref, fast)],
         "reference_peak_rss_mb": [x["peak_rss_mb"] for x in ref],
         "lit_heads_peak_rss_mb": [x["peak_rss_mb"] for x in fast],
         "reference_rss_after_load_mb": [x["rss_after_load_mb"] for x in ref],
@@ -396,8 +401,10 @@ def monitor(args) -> dict:
     ratios = [b / a for a, b in zip(plain, mon)]
     overhead = statistics.median(ratios) - 1
     return {
-        "what": f"s/step, batch {args.batch_size} x <= {args.max_length}, {args.steps} timed + {args.warmup} warmup steps x {args.rounds} rounds",
-        "rows": [["monitor", "s/step (no monitor | free=True monitor)", statistics.median(plain), statistics.median(mon),
+        "what": f"s/step, batch {args.batch_size} x <= {args.max_length}, {args.steps} timed + {args.warmup} warmup "
+                f"steps x {args.rounds} rounds",
+        "rows": [["monitor", "s/step (no monitor | free=True monitor)", statistics.median(plain),
+                  statistics.median(mon),
                   1 + overhead, "<= 1.05", overhead <= 0.05]],
         "plain_s_per_step": plain,
         "monitored_s_per_step": mon,
@@ -417,7 +424,8 @@ def restricted(args) -> dict:
     """Top-10% heads (HeadRestriction, kv="group") vs full SFT, each in a fresh child process.
 
     Heads: `compute_ap` on one extra batch of the default generated tasks (not trained on; the
-    selection is untimed, in this process), then `select_heads("top", fraction=0.1)` = 27 of 270. Both children: the same fixed batches, a plain PyTorch loop (forward, response
+    selection is untimed, in this process), then `select_heads("top", fraction=0.1)` = 27 of 270.
+    Both children: the same fixed batches, a plain PyTorch loop (forward, response
     loss, backward, AdamW(lr=1e-5, wd=0.01) step, zero_grad), fp32; full SFT trains every parameter,
     the restricted child `restriction.trainable_parameters()` only. Reported: optimizer-state bytes
     (sum of nbytes of every tensor in optimizer.state after the last step), median step time over
@@ -444,25 +452,29 @@ def restricted(args) -> dict:
             payload = {"model": args.model, "batches": str(path), "warmup": args.warmup}
             full.append(_run_worker("train_steps", payload))
             part.append(_run_worker("train_steps", dict(payload, heads=heads)))
-            print(f"  round {r}: full {full[-1]['step_s']:.2f} s/step, restricted {part[-1]['step_s']:.2f} s/step", flush=True)
+            print(f"  round {r}: full {full[-1]['step_s']:.2f} s/step, restricted {part[-1]['step_s']:.2f} s/step",
+                  flush=True)
     state_ratio = part[0]["optimizer_state_bytes"] / full[0]["optimizer_state_bytes"]
     ratios = [b["step_s"] / a["step_s"] for a, b in zip(full, part)]
     step_ratio = statistics.median(ratios)
     peak_full, peak_part = max(x["peak_rss_mb"] for x in full), max(x["peak_rss_mb"] for x in part)
     return {
-        "what": (f"{len(heads)} heads (top 10% by AP on {pattern.meta['n_samples']} samples, {select_s:.1f} s), kv=group, "
-                 f"{part[0]['trainable']:,} of {full[0]['trainable']:,} parameters trained; batch {args.batch_size} x <= "
-                 f"{args.max_length}, {args.steps} timed + {args.warmup} warmup steps x {args.rounds} rounds, plain loop, fp32"),
+        "what": (f"{len(heads)} heads (top 10% by AP on {pattern.meta['n_samples']} samples, {select_s:.1f} s), "
+                 f"kv=group, {part[0]['trainable']:,} of {full[0]['trainable']:,} parameters trained; batch "
+                 f"{args.batch_size} x <= {args.max_length}, {args.steps} timed + {args.warmup} warmup steps x "
+                 f"{args.rounds} rounds, plain loop, fp32"),
         "rows": [
             ["restricted", "optimizer state MiB (full | top-10% heads)", full[0]["optimizer_state_bytes"] / 2**20,
              part[0]["optimizer_state_bytes"] / 2**20, state_ratio, "<= 0.05", state_ratio <= 0.05],
             ["restricted", "s/step (full | top-10% heads)", statistics.median(x["step_s"] for x in full),
              statistics.median(x["step_s"] for x in part), step_ratio, "<= 0.7", step_ratio <= 0.7],
-            ["restricted", "peak RSS MiB (full | top-10% heads)", peak_full, peak_part, peak_part / peak_full, "reported", None],
+            ["restricted", "peak RSS MiB (full | top-10% heads)", peak_full, peak_part, peak_part / peak_full,
+             "reported", None],
         ],
         "heads": heads,
         "trainable": {"full": full[0]["trainable"], "restricted": part[0]["trainable"]},
-        "optimizer_state_bytes": {"full": full[0]["optimizer_state_bytes"], "restricted": part[0]["optimizer_state_bytes"]},
+        "optimizer_state_bytes": {"full": full[0]["optimizer_state_bytes"],
+                                  "restricted": part[0]["optimizer_state_bytes"]},
         "step_s": {"full": [x["step_s"] for x in full], "restricted": [x["step_s"] for x in part]},
         "step_times_s": {"full": [x["step_times"] for x in full], "restricted": [x["step_times"] for x in part]},
         "step_ratios": ratios,
@@ -709,7 +721,8 @@ def main() -> None:
 
     results = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv),
                "loadavg_start": loadavg()}
-    print(f"machine: {results['machine']}\nload average at start (1, 5, 15 min): {results['loadavg_start']}", flush=True)
+    print(f"machine: {results['machine']}\nload average at start (1, 5, 15 min): {results['loadavg_start']}",
+          flush=True)
     for name in args.sections:
         print(f"== {name}", flush=True)
         started = time.perf_counter()
@@ -722,7 +735,8 @@ def main() -> None:
             results[name] = {"error": f"{type(err).__name__}: {err}"}
         results[name]["wall_s"] = round(time.perf_counter() - started, 1)
         results[name]["loadavg_after"] = loadavg()
-        print(f"  {results[name].get('what', '')}  [{results[name]['wall_s']} s, load {results[name]['loadavg_after']}]", flush=True)
+        print(f"  {results[name].get('what', '')}  [{results[name]['wall_s']} s, load "
+              f"{results[name]['loadavg_after']}]", flush=True)
     results["loadavg_end"] = loadavg()
     results["table"] = table(results)
     print(f"\nload average at end: {results['loadavg_end']}\n\n{results['table']}")

@@ -3,11 +3,13 @@ so the whole stack (CLI, module, data) runs on them in seconds."""
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/tiny_models.py
 os.environ.setdefault("WANDB_MODE", "offline")  # never prompt or reach the network from tests
@@ -42,3 +44,42 @@ def tiny_llama_dir(tmp_path_factory, bundled_tokenizer):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+# The tiny fit that CLI tests lay over a shipped config (`--config <shipped> --config tiny.yaml`): tiny
+# data, few steps, no generation. Each test passes what it needs on top as overrides.
+TINY_OVERLAY = {
+    "model": {"num_generate": 0},
+    "data": {"train_size": 8, "val_size": 4, "max_length": 96, "batch_size": 2},
+    "trainer": {"max_steps": 2},
+}
+
+
+def deep_merge(base: dict, overrides: dict) -> dict:
+    """`base` with `overrides` merged in: nested dicts merge key by key, anything else (lists
+    included) replaces the base value."""
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def write_tiny_overlay(path: Path, overrides: dict | None = None) -> Path:
+    """Write TINY_OVERLAY with `overrides` deep-merged over it as YAML to `path`; returns `path`."""
+    path = Path(path)
+    path.write_text(yaml.safe_dump(deep_merge(TINY_OVERLAY, overrides or {}), sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def tiny_overlay(tmp_path):
+    """`tiny_overlay(overrides=None, name="tiny.yaml")`: writes the tiny overlay (TINY_OVERLAY with the
+    nested-dict `overrides` deep-merged over it) to tmp_path/name and returns its path."""
+
+    def write(overrides: dict | None = None, name: str = "tiny.yaml") -> Path:
+        return write_tiny_overlay(tmp_path / name, overrides)
+
+    return write

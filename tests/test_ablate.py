@@ -12,7 +12,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import sft_batch, tiny_model
 from torch import nn
 
 from lit_heads.analysis import ablation as analysis
@@ -20,6 +19,7 @@ from lit_heads.errors import ConfigError
 from lit_heads.heads import find_heads
 from lit_heads.heads.ablation import HeadMask, head_output_means
 from lit_heads.heads.selection import select_heads
+from tiny_models import sft_batch, tiny_model
 
 HEADS = [(0, 1), (1, 3), (1, 0)]
 
@@ -238,6 +238,7 @@ def test_accuracy_needs_checkable_examples(tiny_setup):
         analysis.Evaluator(module, datamodule, plain, num_generate=1)
 
 
+@pytest.mark.slow
 def test_run_ablation_rows_and_report_files_read_back(tiny_setup, tmp_path):
     module, datamodule, examples = tiny_setup
     evaluator = analysis.Evaluator(module, datamodule, examples, num_generate=1)

@@ -24,6 +24,7 @@ def run_cli(args: list[str]) -> None:
     main(["ablate", *args])
 
 
+@pytest.mark.slow
 def test_ablate_reads_a_yaml_config_and_ranks_by_the_ap_it_computed(tmp_path, tiny_llama_dir, capsys, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")  # the logger of configs/ablate.yaml still mirrors to metrics.jsonl
     out = tmp_path / "out"
@@ -159,6 +160,7 @@ def test_other_bad_options_are_refused(refused, tmp_path):
     assert "--num_generate 0" in refused("--data", str(tmp_path / "plain.jsonl"), "--num_generate", "1")
 
 
+@pytest.mark.slow
 def test_bad_input_exits_2_without_a_traceback(tmp_path, tiny_llama_dir):
     command = [sys.executable, "-m", "lit_heads.cli", "ablate", "--model", str(tiny_llama_dir), "--k", "0",
                "--output", str(tmp_path / "out")]  # fmt: skip
@@ -167,6 +169,7 @@ def test_bad_input_exits_2_without_a_traceback(tmp_path, tiny_llama_dir):
     assert "every k must be a whole number of heads >= 1" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_ablate_on_the_bundled_model_writes_its_report(tmp_path):
     out = tmp_path / "ablate"

@@ -43,6 +43,7 @@ def writer(target: Path, kind: str, end: str) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow
 def test_temps_of_killed_writers_are_removed_and_live_ones_kept(tmp_path):
     ckpts, run = tmp_path / "run" / "checkpoints", tmp_path / "run"
     (ckpts).mkdir(parents=True)

@@ -17,23 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import write_tiny_overlay
 from lit_heads.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
-# A tiny fit on top of the quickstart; `callbacks` replaces the quickstart's list per case.
-TINY = """
-model: {{num_generate: 0}}
-data: {{train_size: 8, val_size: 4, max_length: 96, batch_size: 2}}
-trainer:
-  max_steps: 2
-  logger: false
-  enable_progress_bar: false
-  callbacks:
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{dirpath: runs/quickstart/checkpoints, save_last: true, save_top_k: 0}}
-{extra}
-"""
+# A tiny fit on top of the quickstart (conftest's tiny overlay: 2 steps on 8 samples); `callbacks`
+# replaces the quickstart's list per case.
+CHECKPOINT = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+              "init_args": {"dirpath": "runs/quickstart/checkpoints", "save_last": True, "save_top_k": 0}}
 HR = "lit_heads.callbacks.head_restricted.HeadRestrictedFinetuning"
 MONITOR = "lit_heads.callbacks.head_monitor.HeadActivationMonitor"
 
@@ -53,9 +45,8 @@ GOOD_OUTPUTS = {
 }
 
 
-def callback(class_path: str, **init_args) -> str:
-    args = ", ".join(f"{k}: {json.dumps(v)}" for k, v in init_args.items())
-    return f"    - class_path: {class_path}\n      init_args: {{{args}}}"
+def callback(class_path: str, **init_args) -> dict:
+    return {"class_path": class_path, "init_args": init_args}
 
 
 @pytest.fixture
@@ -71,12 +62,14 @@ def ws(tmp_path, tiny_llama_dir, monkeypatch):
     Pattern(torch.rand(2, 4), {"model": "tiny"}).save(tmp_path / "tiny_pattern.safetensors")
     (tmp_path / "heads.json").write_text("[[0, 1], [1, 2]]")
     (tmp_path / "empty.jsonl").write_text("\n")
-    (tmp_path / "latin1.jsonl").write_bytes(b'{"prompt": "ok", "response": "ok"}\n{"prompt": "caf\xe9", "response": "x"}\n')
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"prompt": "ok", "response": "ok"}\n{"prompt": "caf\xe9", "response": '
+                                            b'"x"}\n')
     (tmp_path / "types.jsonl").write_text('{"prompt": "2+2?", "response": 4}\n')
     (tmp_path / "keys.jsonl").write_text('{"input": "2+2?", "target": "4"}\n')
     (tmp_path / "empty_response.jsonl").write_text("".join(f'{{"prompt": "q{i}", "response": ""}}\n' for i in range(8)))
     long_prompt = " ".join(["word"] * 200)
-    (tmp_path / "long_prompt.jsonl").write_text("".join(json.dumps({"prompt": f"{i} {long_prompt}", "response": "ok"}) + "\n" for i in range(8)))
+    (tmp_path / "long_prompt.jsonl").write_text("".join(json.dumps({"prompt": f"{i} {long_prompt}",
+                                                                    "response": "ok"}) + "\n" for i in range(8)))
     (tmp_path / "blocker").write_text("a file where a folder is needed")
     # A checkpoint of another model: the weights are the 32-wide tiny Llama of tiny_models, while its
     # hyper-parameters name the 64-wide fixture model (e.g. a model folder re-exported since). Its
@@ -86,7 +79,8 @@ def ws(tmp_path, tiny_llama_dir, monkeypatch):
 
     other = tiny_model("llama")
     torch.save({"state_dict": {f"model.{k}": v for k, v in other.state_dict().items()},
-                "hyper_parameters": {"model": str(tiny_llama_dir)}, "global_step": 5, "epoch": 0}, tmp_path / "other_model.ckpt")
+                "hyper_parameters": {"model": str(tiny_llama_dir)}, "global_step": 5, "epoch": 0},
+               tmp_path / "other_model.ckpt")
     (tmp_path / "truncated.ckpt").write_bytes((tmp_path / "other_model.ckpt").read_bytes()[:2000])
     (tmp_path / "text.gguf").write_text("not a model\n")
     weightless = tmp_path / "weightless"  # a model folder whose weights were not copied
@@ -109,8 +103,10 @@ def truncated_gguf(ws: Path) -> Path:
     return path
 
 
-def fit_args(ws: Path, model_dir: Path, extra_callbacks: str = "", *flags: str) -> list[str]:
-    (ws / "tiny.yaml").write_text(TINY.format(extra=extra_callbacks))
+def fit_args(ws: Path, model_dir: Path, extra_callback: dict | None = None, *flags: str) -> list[str]:
+    callbacks = [CHECKPOINT, *([extra_callback] if extra_callback else [])]
+    write_tiny_overlay(ws / "tiny.yaml",
+                       {"trainer": {"logger": False, "enable_progress_bar": False, "callbacks": callbacks}})
     return ["fit", "--config", str(QUICKSTART), "--config", "tiny.yaml", "--model.model", str(model_dir), *flags]
 
 
@@ -154,85 +150,95 @@ CASES = {
         ["max_skips must be >= 0, got -1"]),
     # ---- data ---------------------------------------------------------------------------------
     "non-utf8-data-file": (
-        lambda ws, m: fit_args(ws, m, "", "--data.train", "latin1.jsonl"),
+        lambda ws, m: fit_args(ws, m, None, "--data.train", "latin1.jsonl"),
         ["latin1.jsonl:2", "not valid UTF-8", "0xe9"]),
     "wrong-field-type-in-record": (
-        lambda ws, m: fit_args(ws, m, "", "--data.train", "types.jsonl"),
+        lambda ws, m: fit_args(ws, m, None, "--data.train", "types.jsonl"),
         ["types.jsonl:1", "field 'response' must be a string", "int"]),
     "unknown-record-format-option": (
-        lambda ws, m: fit_args(ws, m, "", "--data.format", "csv"),
+        lambda ws, m: fit_args(ws, m, None, "--data.format", "csv"),
         ["Unknown data format 'csv'", "prompt_response"]),
     "record-keys-of-no-known-format": (
-        lambda ws, m: fit_args(ws, m, "", "--data.train", "keys.jsonl"),
+        lambda ws, m: fit_args(ws, m, None, "--data.train", "keys.jsonl"),
         ["keys.jsonl:1", "cannot tell the record format", "'input'", "'target'"]),
     "response-fully-truncated": (
-        lambda ws, m: fit_args(ws, m, "", "--data.train", "long_prompt.jsonl", "--data.max_length", "64", "--data.val_split", "0.25"),
+        lambda ws, m: fit_args(ws, m, None, "--data.train", "long_prompt.jsonl", "--data.max_length", "64",
+                               "--data.val_split", "0.25"),
         ["max_length=64", "no response", "Raise max_length"]),
     "empty-data-file": (
-        lambda ws, m: fit_args(ws, m, "", "--data.train", "empty.jsonl"),
+        lambda ws, m: fit_args(ws, m, None, "--data.train", "empty.jsonl"),
         ["empty.jsonl", "holds no records"]),
     "unknown-generated-task": (
-        lambda ws, m: fit_args(ws, m, "", "--data.train", "generated:nosuch"),
+        lambda ws, m: fit_args(ws, m, None, "--data.train", "generated:nosuch"),
         ["Unknown generated task 'nosuch'", "arithmetic"]),
     # ---- config -------------------------------------------------------------------------------
     "wrong-option-type": (
-        lambda ws, m: fit_args(ws, m, "", "--data.batch_size", "four"),
+        lambda ws, m: fit_args(ws, m, None, "--data.batch_size", "four"),
         ["data.batch_size", "four"]),
     "out-of-range-option": (
-        lambda ws, m: fit_args(ws, m, "", "--data.val_split", "1.5"),
+        lambda ws, m: fit_args(ws, m, None, "--data.val_split", "1.5"),
         ["val_split must be in [0, 1), got 1.5"]),
     "missing-config-file": (
         lambda ws, m: ["fit", "--config", "no_such_config.yaml"],
         ["no_such_config.yaml"]),
     # ---- model and checkpoints ----------------------------------------------------------------
     "unknown-architecture": (
-        lambda ws, m: ["ap", "--model", str(unsupported_model_dir(ws, m)), "--data", "generated:arithmetic", "--n_samples", "2"],
+        lambda ws, m: ["ap", "--model", str(unsupported_model_dir(ws, m)), "--data", "generated:arithmetic",
+                       "--n_samples", "2"],
         ["mamba (MambaForCausalLM)", "has an attention module", "no attention heads to score or train"]),
     "checkpoint-of-another-model": (
-        lambda ws, m: fit_args(ws, m, "", "--ckpt_path", "other_model.ckpt"),
+        lambda ws, m: fit_args(ws, m, None, "--ckpt_path", "other_model.ckpt"),
         ["other_model.ckpt does not fit this model", "another shape", "[97, 32] in the checkpoint"]),
     "ap-on-checkpoint-of-another-model": (
-        lambda ws, m: ["ap", "--model", "other_model.ckpt", "--data", "generated:arithmetic", "--n_samples", "2", "--output", "out/ap"],
+        lambda ws, m: ["ap", "--model", "other_model.ckpt", "--data", "generated:arithmetic", "--n_samples", "2",
+                       "--output", "out/ap"],
         ["other_model.ckpt does not fit model", "trained from another model"]),
     "missing-checkpoint": (
-        lambda ws, m: fit_args(ws, m, "", "--ckpt_path", "runs/quickstart/checkpoints/nope.ckpt"),
+        lambda ws, m: fit_args(ws, m, None, "--ckpt_path", "runs/quickstart/checkpoints/nope.ckpt"),
         ["nope.ckpt does not exist", "last.ckpt"]),
     "ckpt_path-is-a-directory": (
-        lambda ws, m: fit_args(ws, m, "", "--ckpt_path", "runs/quickstart/checkpoints"),
+        lambda ws, m: fit_args(ws, m, None, "--ckpt_path", "runs/quickstart/checkpoints"),
         ["runs/quickstart/checkpoints is a directory", "The checkpoints in it: last.ckpt"]),
     "model-folder-without-weights": (
-        lambda ws, m: fit_args(ws, ws / "weightless", ""),
+        lambda ws, m: fit_args(ws, ws / "weightless"),
         ["weightless", "has a config.json but no weights", "model.safetensors"]),
     "not-a-gguf-file": (
-        lambda ws, m: ["ap", "--model", "text.gguf", "--data", "generated:arithmetic", "--n_samples", "2", "--output", "out/ap"],
+        lambda ws, m: ["ap", "--model", "text.gguf", "--data", "generated:arithmetic", "--n_samples", "2", "--output",
+                       "out/ap"],
         ["text.gguf is not a GGUF file", "magic"]),
     "truncated-gguf-file": (
-        lambda ws, m: ["ap", "--model", str(truncated_gguf(ws)), "--data", "generated:arithmetic", "--n_samples", "2", "--output", "out/ap"],
+        lambda ws, m: ["ap", "--model", str(truncated_gguf(ws)), "--data", "generated:arithmetic", "--n_samples", "2",
+                       "--output", "out/ap"],
         ["cut.gguf cannot be read as a model", "truncated or corrupt"]),
     "truncated-checkpoint-as-model": (
-        lambda ws, m: fit_args(ws, ws / "truncated.ckpt", ""),
+        lambda ws, m: fit_args(ws, ws / "truncated.ckpt"),
         ["truncated.ckpt cannot be read", "truncated or not a Lightning checkpoint"]),
     "ap-on-truncated-checkpoint": (
-        lambda ws, m: ["ap", "--model", "truncated.ckpt", "--data", "generated:arithmetic", "--n_samples", "2", "--output", "out/ap"],
+        lambda ws, m: ["ap", "--model", "truncated.ckpt", "--data", "generated:arithmetic", "--n_samples", "2",
+                       "--output", "out/ap"],
         ["truncated.ckpt cannot be read", "truncated or not a Lightning checkpoint"]),
     # ---- outputs and commands -----------------------------------------------------------------
     "ap-output-not-writable": (
-        lambda ws, m: ["ap", "--model", str(m), "--data", "generated:arithmetic", "--n_samples", "2", "--output", "blocker/ap"],
+        lambda ws, m: ["ap", "--model", str(m), "--data", "generated:arithmetic", "--n_samples", "2", "--output",
+                       "blocker/ap"],
         ["blocker/ap is not writable", "--output"]),
     "ap-zero-samples": (
         lambda ws, m: ["ap", "--model", str(m), "--n_samples", "0", "--output", "out/ap"],
         ["--n_samples", "must be >= 1"]),
     "compose-pattern-shapes-differ": (
-        lambda ws, m: ["compose", "--target", "tiny_pattern.safetensors", "--bases", "a=other_shape.safetensors", "--output", "out/compose"],
+        lambda ws, m: ["compose", "--target", "tiny_pattern.safetensors", "--bases", "a=other_shape.safetensors",
+                       "--output", "out/compose"],
         ["shape"]),
     "compare-unknown-arm-strategy": (
         lambda ws, m: ["compare", "--config", str(QUICKSTART), "--arms", "full", "best:0.1", "--output", "out/compare"],
         ["Cannot read arm 'best:0.1'", "top, bottom or random"]),
     "compare-missing-fit-config": (
-        lambda ws, m: ["compare", "--config", "no_such_fit.yaml", "--arms", "full", "top:0.5", "--output", "out/compare"],
+        lambda ws, m: ["compare", "--config", "no_such_fit.yaml", "--arms", "full", "top:0.5", "--output",
+                       "out/compare"],
         ["no_such_fit.yaml does not exist"]),
     "mix-unknown-rule": (
-        lambda ws, m: ["mix", "--alpha", "arithmetic=1", "--pools", "arithmetic=generated:arithmetic", "--rule", "median", "--output", "mix.jsonl"],
+        lambda ws, m: ["mix", "--alpha", "arithmetic=1", "--pools", "arithmetic=generated:arithmetic", "--rule",
+                       "median", "--output", "mix.jsonl"],
         ["Unknown mix rule 'median'", "clip"]),
 }
 
@@ -288,14 +294,14 @@ def test_bad_data_fails_before_the_model_loads_or_a_wandb_run_starts(ws, tiny_ll
 def test_late_failure_keeps_the_good_config_yaml(ws, tiny_llama_dir, capsys):
     before = (ws / "runs/quickstart/config.yaml").read_bytes()
     with pytest.raises(SystemExit):
-        main(fit_args(ws, tiny_llama_dir, "", "--ckpt_path", "other_model.ckpt"))
+        main(fit_args(ws, tiny_llama_dir, None, "--ckpt_path", "other_model.ckpt"))
     assert (ws / "runs/quickstart/config.yaml").read_bytes() == before
 
 
 def test_empty_response_is_a_clear_error(ws, tiny_llama_dir, capsys):
     before = snapshot(ws)
     with pytest.raises(SystemExit) as exit_info:
-        main(fit_args(ws, tiny_llama_dir, "", "--data.train", "empty_response.jsonl"))
+        main(fit_args(ws, tiny_llama_dir, None, "--data.train", "empty_response.jsonl"))
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert "empty_response.jsonl:1" in err and "empty" in err
@@ -305,7 +311,7 @@ def test_empty_response_is_a_clear_error(ws, tiny_llama_dir, capsys):
 def test_truncated_checkpoint_is_a_clear_error(ws, tiny_llama_dir, capsys):
     before = snapshot(ws)
     with pytest.raises(SystemExit) as exit_info:
-        main(fit_args(ws, tiny_llama_dir, "", "--ckpt_path", "truncated.ckpt"))
+        main(fit_args(ws, tiny_llama_dir, None, "--ckpt_path", "truncated.ckpt"))
     assert exit_info.value.code == 2
     assert "truncated.ckpt cannot be read" in capsys.readouterr().err
     assert snapshot(ws) == before
@@ -324,12 +330,15 @@ def test_truncated_checkpoint_is_a_clear_error_from_the_checkpoint_io(tmp_path):
         AtomicCheckpointIO().load_checkpoint(tmp_path / "cut.ckpt")
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_fails_cleanly_in_a_real_process(ws, tiny_llama_dir):
     """The process exit status itself is 2 and stderr holds the message, not a traceback."""
-    result = subprocess.run([sys.executable, "-m", "lit_heads.cli", *fit_args(ws, tiny_llama_dir, "", "--ckpt_path", "other_model.ckpt")],
+    result = subprocess.run([sys.executable, "-m", "lit_heads.cli",
+                             *fit_args(ws, tiny_llama_dir, None, "--ckpt_path", "other_model.ckpt")],
                             cwd=ws, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "lit_heads: error: Checkpoint other_model.ckpt does not fit this model" in result.stderr
     assert "Traceback" not in result.stderr
     after = snapshot(ws)
-    assert {k: v for k, v in after.items() if not k.endswith("config.yaml")} == {k: v for k, v in GOOD_OUTPUTS.items() if not k.endswith("config.yaml")}
+    assert ({k: v for k, v in after.items() if not k.endswith("config.yaml")}
+            == {k: v for k, v in GOOD_OUTPUTS.items() if not k.endswith("config.yaml")})

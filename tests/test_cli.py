@@ -20,31 +20,24 @@ from tiny_models import reference_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
-TINY = """
-model:
-  num_generate: 4
-  max_new_tokens: 6
-data:
-  train_size: 8
-  val_size: 4
-  max_length: 128
-trainer:
-  max_steps: 3
-  val_check_interval: 2
-  log_every_n_steps: 1
-"""
+# Over conftest's tiny overlay; batch_size 4 is the quickstart's own.
+TINY = {
+    "model": {"num_generate": 4, "max_new_tokens": 6},
+    "data": {"max_length": 128, "batch_size": 4},
+    "trainer": {"max_steps": 3, "val_check_interval": 2, "log_every_n_steps": 1},
+}
 
 
 @pytest.fixture
-def tiny_cfg(tmp_path, tiny_llama_dir, monkeypatch):
+def tiny_cfg(tmp_path, tiny_llama_dir, tiny_overlay, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the quickstart writes to ./runs/quickstart
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(TINY)
+    cfg = tiny_overlay(TINY)
     return ["--config", str(QUICKSTART), "--config", str(cfg), "--model.model", str(tiny_llama_dir)]
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lit_heads.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "lit_heads.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
 
 
 def read_metrics(run: Path) -> list[dict]:
@@ -57,6 +50,7 @@ def tiny_data(model_dir, **overrides) -> SFTDataModule:
                          **{**dict(train_size=8, val_size=4, max_length=128, batch_size=4, seed=42), **overrides})
 
 
+@pytest.mark.slow
 def test_fit_writes_summary_checkpoint_and_reloadable_export(tiny_cfg, tmp_path, tiny_llama_dir):
     main(["fit", *tiny_cfg])
     run = tmp_path / "runs" / "quickstart"
@@ -77,7 +71,8 @@ def test_fit_writes_summary_checkpoint_and_reloadable_export(tiny_cfg, tmp_path,
     keys = set().union(*metrics)
     assert {"train/loss", "val/loss", "val/ppl", "val/acc", "lr-AdamW", "train/device/items_per_sec"} <= keys
     # LearningRateMonitor: the learning rate of each step, here in the warmup (lr 3e-4, 5 warmup steps).
-    assert [(m["step"], m["lr-AdamW"]) for m in metrics if "lr-AdamW" in m] == pytest.approx([(k, 3e-4 * (k + 1) / 6) for k in range(3)])
+    assert [(m["step"], m["lr-AdamW"]) for m in metrics if "lr-AdamW" in m] == pytest.approx(
+        [(k, 3e-4 * (k + 1) / 6) for k in range(3)])
     # TokenThroughput counts real tokens: after 3 steps of batch 4 on 8 samples, both batches of
     # epoch 0 and the first batch of epoch 1.
     dm = tiny_data(tiny_llama_dir)
@@ -102,9 +97,11 @@ def test_fit_writes_summary_checkpoint_and_reloadable_export(tiny_cfg, tmp_path,
 
 def files_under(folder: Path) -> dict[str, bytes]:
     # Not symlinks: W&B links each run's logs/debug-core.log to its service's one log in ~/.cache/wandb.
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()}
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.is_symlink()}
 
 
+@pytest.mark.slow
 def test_default_root_dir_alone_moves_every_output_and_leaves_the_previous_run_alone(tiny_cfg, tmp_path):
     main(["fit", *tiny_cfg, "--trainer.max_steps", "1"])
     previous = tmp_path / "runs" / "quickstart"
@@ -137,6 +134,7 @@ def test_print_config_shows_every_section(tiny_cfg, capsys):
     assert "tokenizer" not in out.split("data:")[1].split("trainer:")[0]
 
 
+@pytest.mark.slow
 def test_validate_and_test_log_their_own_keys_with_the_token_weighted_loss(tiny_cfg, tmp_path, tiny_llama_dir, capsys):
     # 5 validation samples in batches of 2, 2 and 1: the response tokens per batch are uneven.
     data = ["--data.val_size", "5", "--data.batch_size", "2"]
@@ -148,7 +146,8 @@ def test_validate_and_test_log_their_own_keys_with_the_token_weighted_loss(tiny_
     logged = {}
     for stage, folder in (("val", "validate"), ("test", "test")):
         rows = [m for m in read_metrics(tmp_path / "runs" / folder) if any(k.startswith(f"{stage}/") for k in m)]
-        values = {k: v for m in rows for k, v in m.items() if k.split("/")[0] in ("val", "test") and k.split("/")[1] in ("loss", "ppl", "acc")}
+        values = {k: v for m in rows for k, v in m.items()
+                  if k.split("/")[0] in ("val", "test") and k.split("/")[1] in ("loss", "ppl", "acc")}
         assert set(values) == {f"{stage}/loss", f"{stage}/ppl", f"{stage}/acc"}, values  # test is not logged as val/*
         assert values[f"{stage}/loss"] == pytest.approx(expected, rel=1e-5)
         assert values[f"{stage}/ppl"] == pytest.approx(math.exp(values[f"{stage}/loss"]), rel=1e-5)
@@ -158,17 +157,21 @@ def test_validate_and_test_log_their_own_keys_with_the_token_weighted_loss(tiny_
     assert logged["test"]["test/acc"] == logged["val"]["val/acc"]
 
 
+@pytest.mark.slow
 def test_ddp_validation_loss_counts_every_sample_once_over_both_ranks(tiny_cfg, tmp_path, tiny_llama_dir):
     """5 samples on 2 ranks: Lightning's default sampler would repeat one to make 3 + 3."""
-    result = run_cli("validate", *tiny_cfg, "--data.val_size", "5", "--data.batch_size", "2", "--model.num_generate", "0",
+    result = run_cli("validate", *tiny_cfg, "--data.val_size", "5", "--data.batch_size", "2", "--model.num_generate",
+                     "0",
                      "--trainer.devices", "2", "--trainer.strategy", "ddp", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    values = {k: v for m in read_metrics(tmp_path / "runs" / "quickstart") for k, v in m.items() if k in ("val/loss", "val/ppl")}
+    values = {k: v for m in read_metrics(tmp_path / "runs" / "quickstart") for k, v in m.items() if k in ("val/loss",
+                                                                                                          "val/ppl")}
     expected = reference_losses(tiny_llama_dir, tiny_data(tiny_llama_dir, val_size=5, batch_size=2).val_dataloader())[0]
     assert values["val/loss"] == pytest.approx(expected, rel=1e-5)
     assert values["val/ppl"] == pytest.approx(math.exp(values["val/loss"]), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_resumed_fit_summary_reports_the_run_start_as_before(tiny_cfg, tmp_path):
     main(["fit", *tiny_cfg, "--trainer.max_steps", "2"])
     run = tmp_path / "runs" / "quickstart"
@@ -180,6 +183,7 @@ def test_resumed_fit_summary_reports_the_run_start_as_before(tiny_cfg, tmp_path)
     assert resumed["after"]["val_loss"] != first["after"]["val_loss"]
 
 
+@pytest.mark.slow
 def test_sharegpt_data_without_answers_trains_and_reports_accuracy_as_not_applicable(tiny_cfg, tmp_path, caplog):
     records = [{"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": f"Say {w}."},
                                   {"from": "gpt", "value": f"{w}!"}]} for w in ("hi", "yes", "no", "ok", "bye", "go")]
@@ -196,7 +200,10 @@ def test_sharegpt_data_without_answers_trains_and_reports_accuracy_as_not_applic
 
 
 # ddp: 5 validation samples in batches of 2 give the ranks 2 and 1 validation batches, each sample once.
-@pytest.mark.parametrize("flags", [["--trainer.devices", "2", "--trainer.strategy", "ddp", "--data.val_size", "5", "--data.batch_size", "2"],
+@pytest.mark.slow
+@pytest.mark.parametrize("flags",
+                         [["--trainer.devices", "2", "--trainer.strategy", "ddp", "--data.val_size", "5",
+                           "--data.batch_size", "2"],
                                    ["--trainer.precision", "bf16-mixed"]], ids=["ddp-cpu-2", "bf16-mixed"])
 def test_trainer_flags_for_devices_and_precision(tiny_cfg, tmp_path, flags):
     result = run_cli("fit", *tiny_cfg, *flags, cwd=tmp_path)
@@ -205,6 +212,7 @@ def test_trainer_flags_for_devices_and_precision(tiny_cfg, tmp_path, flags):
     assert summary["steps"] == 3 and summary["after"]["val_loss"] < 50
 
 
+@pytest.mark.slow
 def test_unknown_model_is_a_clear_error_with_exit_2(tmp_path):
     result = run_cli("fit", "--config", str(QUICKSTART), "--model.model", "no-such-model", cwd=tmp_path)
     assert result.returncode == 2
@@ -212,6 +220,7 @@ def test_unknown_model_is_a_clear_error_with_exit_2(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_missing_data_file_is_a_clear_error_with_exit_2(tiny_cfg, tmp_path):
     result = run_cli("fit", *tiny_cfg, "--data.train", str(tmp_path / "nope.jsonl"), cwd=tmp_path)
     assert result.returncode == 2

@@ -10,19 +10,19 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from lit_heads.cli import main
-from lit_heads.data import SFTDataModule
 from lit_heads.commands.compare import Arm, parse_arm
+from lit_heads.data import SFTDataModule
 from lit_heads.errors import ConfigError
 from lit_heads.heads.restrict import HeadRestriction
 from tiny_models import reference_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 # 6 validation samples in batches of 4 and 2: a mean of batch means would differ from val/loss.
-TINY = """
-model: {num_generate: 4, max_new_tokens: 4}
-data: {train_size: 16, val_size: 6, max_length: 128, batch_size: 4}
-trainer: {max_steps: 4, val_check_interval: 2}
-"""
+TINY = {
+    "model": {"num_generate": 4, "max_new_tokens": 4},
+    "data": {"train_size": 16, "val_size": 6, "max_length": 128, "batch_size": 4},
+    "trainer": {"max_steps": 4, "val_check_interval": 2},
+}
 
 
 @pytest.mark.parametrize("spec, arm", [
@@ -47,7 +47,8 @@ def test_bad_arm_is_a_config_error(spec):
 
 def test_bad_arm_size_exits_2_before_any_fit(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["compare", "--config", str(ROOT / "configs" / "compare.yaml"), "--arms", "full", "top:1.5", "--output", str(tmp_path)])
+        main(["compare", "--config", str(ROOT / "configs" / "compare.yaml"), "--arms", "full", "top:1.5", "--output",
+              str(tmp_path)])
     assert exit_info.value.code == 2
     assert "fraction=1.5 is out of range" in capsys.readouterr().err
     assert not (tmp_path / "full").exists()
@@ -70,14 +71,16 @@ def test_bad_lora_arm_exits_2_before_any_fit(tiny_llama_dir, tmp_path, capsys, a
 
 def test_fit_flags_that_compare_owns_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["compare", "--config", str(ROOT / "configs" / "compare.yaml"), "--arms", "full", "--output", str(tmp_path),
+        main(["compare", "--config", str(ROOT / "configs" / "compare.yaml"), "--arms", "full", "--output",
+              str(tmp_path),
               "--trainer.logger.init_args.name", "x"])
     assert exit_info.value.code == 2 and "--trainer.logger.init_args.name" in capsys.readouterr().err
 
 
-def test_compare_three_arms_writes_a_report_with_checked_numbers(tiny_llama_dir, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_compare_three_arms_writes_a_report_with_checked_numbers(tiny_llama_dir, tmp_path, tiny_overlay, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "tiny.yaml").write_text(TINY)
+    tiny_overlay(TINY)
     out = tmp_path / "cmp"
     main(["compare", "--config", str(ROOT / "configs" / "compare.yaml"), "--config", "tiny.yaml",
           "--arms", "full", "top:0.25", "lora:4", "--output", str(out), "--name", "test-group",
@@ -115,14 +118,16 @@ def test_compare_three_arms_writes_a_report_with_checked_numbers(tiny_llama_dir,
         assert arm["val_curve"][-1][1] == pytest.approx(summary["after"]["val_loss"], rel=1e-5)
         assert arm["val_loss_before"] == pytest.approx(base_loss, rel=1e-5)
         # The table shows the numbers read back from the run folders.
-        assert f"| {arm['name']} |" in report and f"{arm['trainable']:,}" in report and f"{arm['val_loss']:.4f}" in report
+        assert f"| {arm['name']} |" in report and f"{arm['trainable']:,}" in report
+        assert f"{arm['val_loss']:.4f}" in report
 
     # Same shared config in every arm, per-arm folders and one W&B group.
     for slug, name in (("full", "full"), ("top-0.25", "top:0.25"), ("lora-4", "lora:4")):
         overrides = yaml.safe_load((out / slug / "arm.yaml").read_text())["trainer"]
         # save_dir null: the logger follows the arm's run folder (default_root_dir), like every output.
         assert overrides["default_root_dir"] == str(out / slug)
-        assert overrides["logger"]["init_args"] == {**overrides["logger"]["init_args"], "group": "test-group", "name": name, "save_dir": None}
+        assert overrides["logger"]["init_args"] == {**overrides["logger"]["init_args"], "group": "test-group",
+                                                    "name": name, "save_dir": None}
         assert all("dirpath" not in (c.get("init_args") or {}) for c in overrides["callbacks"])
         assert (out / slug / "heads" / "ap_history.safetensors").is_file() and (out / slug / "metrics.jsonl").is_file()
         assert next((out / slug / "wandb").glob("offline-run-*")).is_dir()
@@ -138,7 +143,8 @@ def test_an_arm_without_gradable_answers_shows_not_applicable_not_zero(tmp_path)
     from lit_heads.callbacks.fit_summary import format_summary
 
     arm = ArmResult(name="full", directory=tmp_path, trainable=10, total=10, optimizer_state=20, val_loss_before=2.0,
-                    val_loss=1.0, val_acc=None, val_acc_n=0, step_time_s=0.1, peak_rss_mb=100.0, peak_cuda_mb=None, steps=3)
+                    val_loss=1.0, val_acc=None, val_acc_n=0, step_time_s=0.1, peak_rss_mb=100.0, peak_cuda_mb=None,
+                    steps=3)
     assert table_rows([arm])[0][6] == "n/a (no gradable answers)"
     graded = {**vars(arm), "val_acc": 0.5, "val_acc_n": 4}
     assert table_rows([ArmResult(**graded)])[0][6] == "0.500 (n=4)"

@@ -50,7 +50,9 @@ def test_before_after_pairs_are_differenced(tmp_path, bases):
     # Each pattern starts from its own random "before", so only the changes compose exactly.
     after = {"math": before["math"] + bases["math"], "code": before["code"] + bases["code"]}
     after["t"] = before["t"] + 2.0 * bases["math"] - 0.5 * bases["code"]
-    paths = {f"{n}_{w}": _save(tmp_path / f"{n}_{w}.safetensors", arr) for w, d in (("before", before), ("after", after)) for n, arr in d.items()}
+    paths = {f"{n}_{w}": _save(tmp_path / f"{n}_{w}.safetensors", arr) for w, d in (("before", before),
+                                                                                    ("after",
+                                                                                     after)) for n, arr in d.items()}
     result = compose(
         target=paths["t_after"], target_before=paths["t_before"],
         bases=[f"math={paths['math_after']}", f"code={paths['code_after']}"],
@@ -68,7 +70,8 @@ def test_nnls_keeps_alpha_non_negative_and_npy_inputs_work(tmp_path, bases):
     np.save(target, bases["math"] - 0.6 * bases["code"])
     for n in ("math", "code"):
         np.save(tmp_path / f"{n}.npy", bases[n])
-    result = compose(str(target), f"math={tmp_path / 'math.npy'},code={tmp_path / 'code.npy'}", method="both", output=str(tmp_path / "o"))
+    result = compose(str(target), f"math={tmp_path / 'math.npy'},code={tmp_path / 'code.npy'}", method="both",
+                     output=str(tmp_path / "o"))
     assert result["fits"]["lstsq"]["alpha"]["code"] == pytest.approx(-0.6, abs=1e-6)
     assert min(result["fits"]["nnls"]["alpha"].values()) >= 0
     assert result["fits"]["nnls"]["r2"] < result["fits"]["lstsq"]["r2"]
@@ -76,9 +79,12 @@ def test_nnls_keeps_alpha_non_negative_and_npy_inputs_work(tmp_path, bases):
 
 def test_unrelated_basis_fits_worse(tmp_path, bases):
     target = _save(tmp_path / "t.safetensors", 0.7 * bases["math"] + 0.3 * bases["code"])
-    real = compose(target, f"math={_save(tmp_path / 'm.safetensors', bases['math'])},code={_save(tmp_path / 'c.safetensors', bases['code'])}",
+    real = compose(target,
+                   f"math={_save(tmp_path / 'm.safetensors', bases['math'])},"
+                   f"code={_save(tmp_path / 'c.safetensors', bases['code'])}",
                    method="lstsq", output=str(tmp_path / "a"))
-    control = compose(target, f"other={_save(tmp_path / 'x.safetensors', bases['other'])},code={tmp_path / 'c.safetensors'}",
+    control = compose(target,
+                      f"other={_save(tmp_path / 'x.safetensors', bases['other'])},code={tmp_path / 'c.safetensors'}",
                       method="lstsq", output=str(tmp_path / "b"))
     assert control["fits"]["lstsq"]["r2"] < real["fits"]["lstsq"]["r2"] - 0.01
 
@@ -111,7 +117,8 @@ def test_mixed_formula_versions_are_refused(tmp_path, bases):
 
 def test_cli_reports_user_errors_without_traceback(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        cli_main(["compose", "--target", str(tmp_path / "missing.safetensors"), "--bases", f"a={tmp_path / 'a.safetensors'}",
+        cli_main(["compose", "--target", str(tmp_path / "missing.safetensors"), "--bases",
+                  f"a={tmp_path / 'a.safetensors'}",
                   "--output", str(tmp_path / "o")])
     assert exc.value.code == 2
     assert "missing.safetensors does not exist" in capsys.readouterr().err

@@ -89,7 +89,8 @@ def test_truncation_cuts_the_response_and_is_counted(tok, caplog):
 
 def test_prompt_filling_max_length_is_an_error_naming_the_sample(tok):
     example = Example("word " * 100, "ok", source="big.jsonl:7")
-    with pytest.raises(DataError, match=r"big\.jsonl:7: the prompt alone is \d+ tokens.*max_length=64.*Raise max_length"):
+    with pytest.raises(DataError,
+                       match=r"big\.jsonl:7: the prompt alone is \d+ tokens.*max_length=64.*Raise max_length"):
         PromptEncoder(tok, max_length=64).encode(example)
     with pytest.raises(DataError, match="sample 3"):
         PromptEncoder(tok, max_length=64).encode_all([Example("a", "b")] * 3 + [Example("word " * 100, "ok")])

@@ -7,8 +7,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lit_heads.data import Example, detect_format, example_to_record, extract_final_number, load_examples, parse_gsm8k_answer, record_to_example
-from lit_heads.data import readers
+from lit_heads.data import (
+    Example,
+    detect_format,
+    example_to_record,
+    extract_final_number,
+    load_examples,
+    parse_gsm8k_answer,
+    readers,
+    record_to_example,
+)
 from lit_heads.errors import DataError
 
 SHARED_DATA = Path(__file__).parents[1].parent / "shared" / "data"
@@ -32,7 +40,8 @@ def write_jsonl(path: Path, records) -> Path:
             "question_answer",
             Example("2+2?", "2+2=<<2+2=4>>4\n#### 4", "4", "gsm8k"),
         ),
-        ({"question": "Capital of France?", "answer": "Paris"}, "question_answer", Example("Capital of France?", "Paris", "Paris")),
+        ({"question": "Capital of France?", "answer": "Paris"}, "question_answer",
+         Example("Capital of France?", "Paris", "Paris")),
         ({"instruction": "Translate", "input": "chat", "output": "cat"}, "alpaca", Example("Translate\n\nchat", "cat")),
         ({"instruction": "Say hi", "input": "", "output": "hi"}, "alpaca", Example("Say hi", "hi")),
         ({"instruction": "Say hi", "output": "hi"}, "alpaca", Example("Say hi", "hi")),
@@ -65,12 +74,15 @@ def test_format_override_picks_the_requested_fields():
 
 
 def test_override_with_missing_keys_names_format_and_keys():
-    with pytest.raises(DataError, match=r"x\.jsonl:3: format 'alpaca' was requested.*lacks \['instruction', 'output'\].*\['prompt', 'response'\]"):
+    with pytest.raises(DataError,
+                       match=r"x\.jsonl:3: format 'alpaca' was requested.*lacks \['instruction', "
+                             r"'output'\].*\['prompt', 'response'\]"):
         record_to_example({"prompt": "p", "response": "r"}, "alpaca", "x.jsonl:3")
 
 
 def test_unknown_record_lists_formats_and_keys_seen(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "response": "r"}, {"task_id": "x", "canonical_solution": "y"}])
+    path = write_jsonl(tmp_path / "d.jsonl",
+                       [{"prompt": "p", "response": "r"}, {"task_id": "x", "canonical_solution": "y"}])
     with pytest.raises(DataError) as err:
         load_examples(path)
     message = str(err.value)
@@ -83,7 +95,8 @@ def test_unknown_record_lists_formats_and_keys_seen(tmp_path):
 def test_unknown_format_name_lists_known_formats():
     with pytest.raises(DataError, match="Unknown data format 'csv'") as err:
         load_examples("unused.jsonl", format="csv")
-    assert all(name in str(err.value) for name in ("auto", "prompt_response", "question_answer", "alpaca", "messages", "sharegpt"))
+    assert all(name in str(err.value) for name in ("auto", "prompt_response", "question_answer", "alpaca", "messages",
+                                                   "sharegpt"))
 
 
 def test_sharegpt_conversations_are_detected_and_become_chat_messages(tmp_path):
@@ -104,7 +117,8 @@ def test_sharegpt_conversations_are_detected_and_become_chat_messages(tmp_path):
 
 
 @pytest.mark.parametrize("conversations, message", [
-    ([{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}], r"conversation turn 1 must be a dict with 'from' one of \['gpt', 'human', 'system'\]"),
+    ([{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}],
+     r"conversation turn 1 must be a dict with 'from' one of \['gpt', 'human', 'system'\]"),
     ([{"from": "human", "value": "a"}, {"from": "gpt", "value": 3}], "conversation turn 1 .* string 'value'"),
     ([{"from": "human", "value": "a"}], "'conversations' needs at least one message before an assistant"),
     ([], "'conversations' must be a non-empty list"),
@@ -116,8 +130,10 @@ def test_bad_sharegpt_records_are_reported(conversations, message):
 
 @pytest.mark.parametrize("record", [
     {"instruction": "Natalia sold 48 clips...", "output": "48 + 24 = 72\n#### 72"},
-    {"messages": [{"role": "user", "content": "Natalia sold 48 clips..."}, {"role": "assistant", "content": "48 + 24 = 72\n#### 72"}]},
-    {"conversations": [{"from": "human", "value": "Natalia sold 48 clips..."}, {"from": "gpt", "value": "48 + 24 = 72\n#### 72"}]},
+    {"messages": [{"role": "user", "content": "Natalia sold 48 clips..."},
+                  {"role": "assistant", "content": "48 + 24 = 72\n#### 72"}]},
+    {"conversations": [{"from": "human", "value": "Natalia sold 48 clips..."},
+                       {"from": "gpt", "value": "48 + 24 = 72\n#### 72"}]},
     {"prompt": "Natalia sold 48 clips...", "completion": "48 + 24 = 72\n#### 72"},
 ])
 def test_a_response_ending_in_gsm8k_marker_gives_its_number_as_answer(record):
@@ -236,7 +252,8 @@ def test_json_that_is_not_a_list_explains_the_shapes(tmp_path):
 def test_jsonl_strings_may_hold_characters_that_splitlines_would_split_on(tmp_path, separator):
     path = tmp_path / "d.jsonl"
     # json.dumps(ensure_ascii=False) writes these raw, as many tools do; JSON allows them inside strings.
-    lines = [json.dumps({"prompt": f"a{separator}b", "response": "c"}, ensure_ascii=False), json.dumps({"prompt": "d", "response": "e"})]
+    lines = [json.dumps({"prompt": f"a{separator}b", "response": "c"}, ensure_ascii=False),
+             json.dumps({"prompt": "d", "response": "e"})]
     path.write_text("\r\n".join(lines) + "\n", encoding="utf-8")
     examples = load_examples(path)
     assert [e.prompt for e in examples] == [f"a{separator}b", "d"]
@@ -247,7 +264,8 @@ def test_jsonl_strings_may_hold_characters_that_splitlines_would_split_on(tmp_pa
 def test_json_whose_data_field_is_not_a_list_says_so(tmp_path, data, shown):
     path = tmp_path / "d.json"
     path.write_text(json.dumps({"data": data}))
-    with pytest.raises(DataError, match=rf"{path}: the file's 'data' field must be a list of records, but it is {shown}"):
+    with pytest.raises(DataError,
+                       match=rf"{path}: the file's 'data' field must be a list of records, but it is {shown}"):
         load_examples(path)
 
 
@@ -290,7 +308,8 @@ def test_hub_id_is_tried_and_failure_explains_both_attempts(monkeypatch):
 
 
 def test_hub_rows_become_examples(monkeypatch):
-    monkeypatch.setattr("datasets.load_dataset", lambda repo, config=None, split=None: [{"question": "q", "answer": "#### 2"}])
+    monkeypatch.setattr("datasets.load_dataset",
+                        lambda repo, config=None, split=None: [{"question": "q", "answer": "#### 2"}])
     [example] = load_examples("someone/data")
     assert (example.answer, example.task, example.source) == ("2", "gsm8k", "someone/data[train] row 0")
 

@@ -29,7 +29,8 @@ def test_same_seed_same_data_different_seed_different(name):
 
 def test_tasks_do_not_share_problems_under_one_seed():
     arithmetic = {e.prompt for e in generate_task("arithmetic", 50, 0)}
-    math_code = {e.prompt.replace(" Write a Python program that prints the answer.", "") for e in generate_task("math_code", 50, 0)}
+    math_code = {e.prompt.replace(" Write a Python program that prints the answer.",
+                                  "") for e in generate_task("math_code", 50, 0)}
     assert not arithmetic & math_code
 
 
@@ -121,13 +122,15 @@ def test_multistep_is_long_with_distractors_and_a_correct_worked_solution():
     assert max(int(e.answer) for e in examples) >= 100, "numbers larger than the short tasks'"
 
 
+@pytest.mark.slow
 def test_multistep_code_programs_run_to_the_answer_and_wrong_programs_fail():
     examples = generate_task("multistep_code", 60, seed=9)
     for example in examples:
         lines = example.response.splitlines()
         assert 5 <= len(lines) <= 6
         assert re.fullmatch(r"x1 = \d+ (\+|-|\*|//) \d+", lines[0])
-        assert all(re.fullmatch(rf"x{i} = x{i - 1} (\+|-|\*|//) \d+", line) for i, line in enumerate(lines[1:-1], start=2))
+        assert all(re.fullmatch(rf"x{i} = x{i - 1} (\+|-|\*|//) \d+", line) for i, line in enumerate(lines[1:-1],
+                                                                                                     start=2))
         assert lines[-1] == f"print(x{len(lines) - 1})"
         assert run_python(example.response).stdout.strip() == example.answer
     example = examples[0]
@@ -138,14 +141,16 @@ def test_multistep_code_programs_run_to_the_answer_and_wrong_programs_fail():
     # One step with the wrong operation, or the print of an intermediate value, gives another number.
     wrong_op = last.replace(" + ", " - ") if " + " in last else last.replace(last.split()[3], "+", 1)
     assert not is_correct(example, example.response.replace(last, wrong_op))
-    assert not is_correct(example, example.response.replace(f"print(x{len(example.response.splitlines()) - 1})", "print(x1)"))
+    assert not is_correct(example,
+                          example.response.replace(f"print(x{len(example.response.splitlines()) - 1})", "print(x1)"))
     assert not is_correct(example, f"Answer: {example.answer}")
     assert not is_correct(example, "print(")
 
 
 def test_multistep_tasks_do_not_share_problems_under_one_seed():
     basic = {e.prompt for e in generate_task("multistep", 200, 0)}
-    composite = {e.prompt.replace(" Write a Python program that prints the answer.", "") for e in generate_task("multistep_code", 200, 0)}
+    composite = {e.prompt.replace(" Write a Python program that prints the answer.",
+                                  "") for e in generate_task("multistep_code", 200, 0)}
     assert not basic & composite
     assert TASKS["multistep_code"].components == ("multistep", "code") and TASKS["multistep"].kind == "basic"
 
@@ -182,7 +187,8 @@ def test_ungradable_examples_are_flagged():
 
 
 def test_unknown_task_lists_known_ones():
-    with pytest.raises(DataError, match=r"Unknown generated task 'algebra'.*arithmetic \(basic\).*math_code \(complex\)"):
+    with pytest.raises(DataError,
+                       match=r"Unknown generated task 'algebra'.*arithmetic \(basic\).*math_code \(complex\)"):
         generate_task("algebra", 3)
 
 

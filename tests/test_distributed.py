@@ -19,7 +19,9 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 WORLD = 2
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+# Every test here launches processes (DDP workers or `lit_heads fit` on 2 ranks): slow.
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")]
 
 
 def _free_port() -> int:
@@ -35,10 +37,9 @@ def _batches():
 
 
 def _ap_worker(rank, port, out_dir):
-    from tiny_models import tiny_model
-
     from lit_heads.heads.scoring import compute_ap
     from lit_heads.heads.selection import select_heads
+    from tiny_models import tiny_model
 
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
@@ -47,16 +48,16 @@ def _ap_worker(rank, port, out_dir):
         mine = _batches()[rank::WORLD]  # each rank scores its share; compute_ap all-reduces
         pattern = compute_ap(tiny_model("llama"), mine, progress=False)
         heads = select_heads("top", 2, 4, top_k=3, scores=pattern.scores)
-        torch.save({"scores": pattern.scores, "n": pattern.meta["n_samples"], "heads": heads}, os.path.join(out_dir, f"{rank}.pt"))
+        torch.save({"scores": pattern.scores, "n": pattern.meta["n_samples"], "heads": heads},
+                   os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 def test_ap_and_head_selection_under_ddp_equal_one_process(tmp_path):
-    from tiny_models import tiny_model
-
     from lit_heads.heads.scoring import compute_ap
     from lit_heads.heads.selection import select_heads
+    from tiny_models import tiny_model
 
     mp.spawn(_ap_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     single = compute_ap(tiny_model("llama"), _batches(), progress=False)
@@ -99,7 +100,8 @@ trainer:
 
 def ddp_fit(tmp_path, model_dir, extra="", timeout=420) -> subprocess.CompletedProcess:
     (tmp_path / "ddp.yaml").write_text(DDP_FIT.format(model=model_dir, extra=extra))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)]), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)]), "OMP_NUM_THREADS": "1",
+           "WANDB_MODE": "offline"}
     return subprocess.run([sys.executable, "-m", "lit_heads.cli", "fit", "--config", "ddp.yaml"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -135,14 +137,16 @@ def test_ddp_fit_monitor_and_selection_equal_one_process_and_only_rank0_writes(t
     from lit_heads.models import load_model
 
     final = load_model(str(run / "checkpoints" / "last.ckpt"))
-    torch.testing.assert_close(history.scores[-1], compute_ap(final, dm.make_dataloader(dm.val_examples[:4]), progress=False).scores,
+    torch.testing.assert_close(history.scores[-1],
+                               compute_ap(final, dm.make_dataloader(dm.val_examples[:4]), progress=False).scores,
                                rtol=1e-4, atol=1e-7)
 
     # Only rank 0 logs and writes: each monitor step logged once, one W&B run, one summary.
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in rows if "heads/gini" in r]
     assert [r["step"] for r in logged] == [0, 1, 2]
-    assert abs(logged[0]["heads/gini"] - __import__("lit_heads.heads.stats", fromlist=["x"]).summary(probe_ap)["gini"]) < 1e-6
+    assert abs(logged[0]["heads/gini"] - __import__("lit_heads.heads.stats",
+                                                    fromlist=["x"]).summary(probe_ap)["gini"]) < 1e-6
     assert len(list((run / "wandb").glob("offline-run-*"))) == 1
     assert (result.stdout + result.stderr).count("lit_heads fit summary") == 1
 

@@ -294,7 +294,6 @@ def test_heads_are_checked_from_the_config_alone(tmp_path, tiny_llama_dir, monke
     the same message), also where only a forward pass shows it (DeepSeek V2's latent attention), and
     passes a model whose heads are found."""
     from arch_sweep import tiny_model
-
     from lit_heads.heads.layout import HeadsNotFound, find_heads
 
     mla = tiny_model("deepseek_v2")
@@ -332,6 +331,7 @@ def test_what_only_the_loaded_model_can_tell_is_left_to_the_load(tiny_llama_dir,
 # The real model
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 @needs_gemma_package
 def test_gemma_tokenizer_has_no_chat_template_so_prompts_are_plain_text():

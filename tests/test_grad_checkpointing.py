@@ -95,6 +95,7 @@ def assert_same_run(a: dict, b: dict) -> None:
         torch.testing.assert_close(a["weights"][name], b["weights"][name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("restricted", [False, True], ids=["full", "head_restricted"])
 def test_monitor_selection_and_weights_equal_the_run_without_checkpointing(tiny_llama_dir, tmp_path, restricted):
     runs = {mode: fit(tiny_llama_dir, tmp_path / mode, mode, restricted) for mode in MODES}

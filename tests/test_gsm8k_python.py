@@ -130,9 +130,11 @@ def test_bad_rows_name_the_line(tmp_path):
 
 
 def test_load_humaneval_small_file(tmp_path):
-    row = {"task_id": "HumanEval/0", "prompt": "def f(x):\n", "canonical_solution": "    return x\n", "test": "", "entry_point": "f"}
+    row = {"task_id": "HumanEval/0", "prompt": "def f(x):\n", "canonical_solution": "    return x\n", "test": "",
+           "entry_point": "f"}
     (example,) = load_humaneval(_write_jsonl(tmp_path / "he.jsonl", [row]))
-    assert (example.prompt, example.response, example.answer, example.task) == ("def f(x):\n", "    return x\n", None, "humaneval")
+    assert (example.prompt, example.response, example.answer, example.task) == ("def f(x):\n", "    return x\n", None,
+                                                                                "humaneval")
 
 
 def test_real_gsm8k_rows_are_rewritten_and_print_their_answer():

@@ -9,36 +9,39 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from lit_heads.callbacks.head_monitor import HeadActivationMonitor
 from lit_heads.cli import main
 from lit_heads.data import SFTDataModule
 from lit_heads.errors import ConfigError
 from lit_heads.heads.history import PatternHistory
 from lit_heads.heads.scoring import compute_ap
-from lit_heads.callbacks.head_monitor import HeadActivationMonitor
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = """
-model: {num_generate: 0}
-data: {train_size: 16, val_size: 8, max_length: 128, batch_size: 4}
-trainer:
-  max_steps: 4
-  val_check_interval: 2
-  log_every_n_steps: 1
-  callbacks:
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {dirpath: runs/quickstart/checkpoints, save_last: true, save_top_k: -1, every_n_train_steps: 2}
-    - class_path: lit_heads.callbacks.head_monitor.HeadActivationMonitor
-      init_args: {every_n_steps: 2, probe_size: 6, free: true, top_k: 3, dirpath: runs/quickstart/heads}
-    - class_path: lit_heads.callbacks.export.ExportHF
-      init_args: {dirpath: runs/quickstart/export}
-"""
+TINY = {
+    "data": {"train_size": 16, "val_size": 8, "max_length": 128, "batch_size": 4},
+    "trainer": {
+        "max_steps": 4,
+        "val_check_interval": 2,
+        "log_every_n_steps": 1,
+        "callbacks": [
+            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+             "init_args": {"dirpath": "runs/quickstart/checkpoints", "save_last": True, "save_top_k": -1,
+                           "every_n_train_steps": 2}},
+            {"class_path": "lit_heads.callbacks.head_monitor.HeadActivationMonitor",
+             "init_args": {"every_n_steps": 2, "probe_size": 6, "free": True, "top_k": 3,
+                           "dirpath": "runs/quickstart/heads"}},
+            {"class_path": "lit_heads.callbacks.export.ExportHF", "init_args": {"dirpath": "runs/quickstart/export"}},
+        ],
+    },
+}
 
 
 @pytest.fixture
-def fit_args(tmp_path, tiny_llama_dir, monkeypatch):
+def fit_args(tmp_path, tiny_llama_dir, tiny_overlay, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "tiny.yaml").write_text(TINY)
-    return ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--config", "tiny.yaml", "--model.model", str(tiny_llama_dir)]
+    tiny_overlay(TINY)
+    return ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--config", "tiny.yaml", "--model.model",
+            str(tiny_llama_dir)]
 
 
 def probe_batches(model_dir):
@@ -47,6 +50,7 @@ def probe_batches(model_dir):
     return list(dm.make_dataloader(dm.val_examples[:6]))
 
 
+@pytest.mark.slow
 def test_monitor_records_schedule_and_exact_patterns(fit_args, tmp_path, tiny_llama_dir):
     main(fit_args)
     heads_dir = tmp_path / "runs" / "quickstart" / "heads"
@@ -58,7 +62,8 @@ def test_monitor_records_schedule_and_exact_patterns(fit_args, tmp_path, tiny_ll
     # (other batching, fresh model objects): step 0 from the base model, step 4 from the export.
     batches = probe_batches(tiny_llama_dir)
     base = compute_ap(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), batches, progress=False).scores
-    final = compute_ap(AutoModelForCausalLM.from_pretrained(tmp_path / "runs/quickstart/export"), batches, progress=False).scores
+    final = compute_ap(AutoModelForCausalLM.from_pretrained(tmp_path / "runs/quickstart/export"), batches,
+                       progress=False).scores
     torch.testing.assert_close(history.scores[0], base, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(history.scores[-1], final, rtol=1e-4, atol=1e-7)
     assert not torch.allclose(history.scores[0], history.scores[-1], rtol=1e-3)  # training moved it
@@ -72,6 +77,7 @@ def test_monitor_records_schedule_and_exact_patterns(fit_args, tmp_path, tiny_ll
     assert any("heads_free/gini" in m for m in metrics)  # the free pattern from the training backward
 
 
+@pytest.mark.slow
 def test_resume_continues_the_history(fit_args, tmp_path):
     main([*fit_args, "--trainer.max_steps", "2"])
     first = PatternHistory.load(tmp_path / "runs/quickstart/heads/ap_history.safetensors")
@@ -83,7 +89,8 @@ def test_resume_continues_the_history(fit_args, tmp_path):
         assert torch.equal(a, b)  # restored from the checkpoint, not recomputed
 
 
-@pytest.mark.parametrize("kwargs, message", [({"probe_size": 0}, "probe_size"), ({"every_n_steps": 0}, "every_n_steps")])
+@pytest.mark.parametrize("kwargs, message",
+                         [({"probe_size": 0}, "probe_size"), ({"every_n_steps": 0}, "every_n_steps")])
 def test_bad_options_are_config_errors(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         HeadActivationMonitor(**kwargs)

@@ -47,7 +47,8 @@ class Inspect(L.Callback):
     def on_train_end(self, trainer, pl_module):
         optimizer = trainer.optimizers[0]
         trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        self.frozen_with_grad = [n for n, p in pl_module.named_parameters() if id(p) not in trained and p.grad is not None]
+        self.frozen_with_grad = [n for n, p in pl_module.named_parameters()
+                                 if id(p) not in trained and p.grad is not None]
         self.requires_grad = {id(p) for p in pl_module.parameters() if p.requires_grad}
         self.trained = trained
         self.state_numel = sum(t.numel() for s in optimizer.state.values() for t in s.values() if t.dim() > 0)
@@ -79,7 +80,8 @@ def fit(model_dir, root, callback, *, max_steps=4, ckpt_path=None, extra=(), dat
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_steps=max_steps, logger=logger, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=0, default_root_dir=str(root),
-        callbacks=[callback, inspect, *extra], enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in extra),
+        callbacks=[callback, inspect, *extra],
+        enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in extra),
     )
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=False)  # hparams hold a partial
     return module, inspect
@@ -109,6 +111,7 @@ def ap_top(model_dir, k: int) -> list[tuple[int, int]]:
     return select_heads("top", *scores.shape, top_k=k, scores=scores)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_fit_trains_exactly_the_top_heads(arch, request, tmp_path):
     model_dir = request.getfixturevalue("tiny_llama_dir" if arch == "llama" else "tiny_gpt2_dir")
@@ -170,6 +173,7 @@ def test_random_kv_none_and_head_list(tiny_llama_dir, tmp_path):
     assert listed.selected == [(0, 0), (1, 3)]
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_llama_dir, tmp_path):
     # One batch per epoch: every step sees the same batch, so the comparison does not depend on
     # how Lightning replays a partly consumed data loader after a resume (not what is tested here).
@@ -182,7 +186,8 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_llama_dir, t
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
     fit(tiny_llama_dir, tmp_path / "first", callback(), max_steps=2, extra=[ckpt], data=data)
     resumed_cb = callback()
-    resumed, inspect = fit(tiny_llama_dir, tmp_path / "resumed", resumed_cb, max_steps=4, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), data=data)
+    resumed, inspect = fit(tiny_llama_dir, tmp_path / "resumed", resumed_cb, max_steps=4,
+                           ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), data=data)
     assert inspect.state_numel == 2 * resumed_cb.summary["trainable"]  # optimizer state restored for the deltas only
     a, b = dict(straight.model.named_parameters()), dict(resumed.model.named_parameters())
     assert a.keys() == b.keys()
@@ -200,7 +205,8 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_llama_dir, t
     # Resuming with other heads is refused, not silently trained on a different selection.
     other = HeadRestrictedFinetuning(strategy="random", top_k=2, seed=1)
     with pytest.raises(ConfigError, match="different head selection"):
-        fit(tiny_llama_dir, tmp_path / "other", other, max_steps=4, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), data=data)
+        fit(tiny_llama_dir, tmp_path / "other", other, max_steps=4, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"),
+            data=data)
 
 
 def test_selection_from_a_pattern_file(tiny_llama_dir, tmp_path):
@@ -286,16 +292,11 @@ def test_a_refused_resume_leaves_the_run_files_byte_identical(tiny_llama_dir, tm
     assert {f: f.read_bytes() for f in files} == before
 
 
-TINY_CLI = """
-model: {num_generate: 0}
-data: {train_size: 8, val_size: 4, max_length: 128, batch_size: 2}
-trainer: {max_steps: 2, val_check_interval: 2, log_every_n_steps: 1}
-"""
+TINY_CLI = {"data": {"max_length": 128}, "trainer": {"val_check_interval": 2, "log_every_n_steps": 1}}
 
 
-def cli_args(tmp_path, model_dir, *extra):
-    (tmp_path / "tiny.yaml").write_text(TINY_CLI)
-    return ["fit", "--config", str(ROOT / "configs" / "head_restricted.yaml"), "--config", str(tmp_path / "tiny.yaml"),
+def cli_args(tiny_overlay, model_dir, *extra):
+    return ["fit", "--config", str(ROOT / "configs" / "head_restricted.yaml"), "--config", str(tiny_overlay(TINY_CLI)),
             "--model.model", str(model_dir), *extra]
 
 
@@ -304,7 +305,7 @@ def cli_args(tmp_path, model_dir, *extra):
     ("{scores: other.safetensors}", "Activation pattern has shape 3 layers x 5 heads"),
     ("{strategy: list, heads: h.json, top_k: 2, fraction: null}", "strategy 'list' trains exactly"),
 ])
-def test_cli_option_errors_exit_2(init_args, needle, tiny_llama_dir, tmp_path, monkeypatch, capsys):
+def test_cli_option_errors_exit_2(init_args, needle, tiny_llama_dir, tmp_path, tiny_overlay, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     Pattern(torch.ones(3, 5)).save("other.safetensors")
     save_head_list("h.json", [(0, 1)])
@@ -315,19 +316,23 @@ def test_cli_option_errors_exit_2(init_args, needle, tiny_llama_dir, tmp_path, m
     ]
     config.write_text("trainer:\n  callbacks:\n" + "".join(f"    - {c}\n" for c in callbacks))
     with pytest.raises(SystemExit) as exit_info:
-        main([*cli_args(tmp_path, tiny_llama_dir), "--config", str(config)])
+        main([*cli_args(tiny_overlay, tiny_llama_dir), "--config", str(config)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
 
 
-def test_ddp_two_processes_train_the_same_exact_heads(tiny_llama_dir, tmp_path):
+@pytest.mark.slow
+def test_ddp_two_processes_train_the_same_exact_heads(tiny_llama_dir, tmp_path, tiny_overlay):
     # The shipped config as is (top 10% of 8 heads = 1 head, AP on all 8 training examples, the
     # monitor with its free AP, checkpoint, export), on 2 CPU processes.
-    (tmp_path / "optim.yaml").write_text("model:\n  optimizer: {class_path: torch.optim.AdamW, init_args: {lr: 0.01, weight_decay: 0.1}}\n")
-    args = cli_args(tmp_path, tiny_llama_dir, "--trainer.devices", "2", "--trainer.strategy", "ddp",
-                    "--trainer.accelerator", "cpu", "--data.seed", str(DATA["seed"]), "--config", str(tmp_path / "optim.yaml"))
-    result = subprocess.run([sys.executable, "-m", "lit_heads.cli", *args], cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    (tmp_path / "optim.yaml").write_text("model:\n  optimizer: {class_path: torch.optim.AdamW, init_args: {lr: 0.01, "
+                                         "weight_decay: 0.1}}\n")
+    args = cli_args(tiny_overlay, tiny_llama_dir, "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                    "--trainer.accelerator", "cpu", "--data.seed", str(DATA["seed"]), "--config",
+                    str(tmp_path / "optim.yaml"))
+    result = subprocess.run([sys.executable, "-m", "lit_heads.cli", *args], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "runs" / "head_restricted"
     selection = json.loads((run / "heads" / "selection.json").read_text())

@@ -306,6 +306,7 @@ def test_index_errors_for_out_of_range_heads():
         lh.kv_slices(2)
 
 
+@pytest.mark.slow
 def test_heads_package_does_not_import_lightning():
     code = ("import sys, lit_heads.heads; "
             "assert not any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules)")

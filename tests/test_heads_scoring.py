@@ -215,7 +215,8 @@ def test_free_capture_from_training_backward_equals_compute_ap():
     with HeadGateCapture(model) as cap:
         out = model(**batch)  # HF loss: mean over all response tokens of the batch
         (out.loss * loss_scale / accumulate).backward()
-        signed = cap.pop(scale=per_sample_scale(batch["labels"], loss_scale=loss_scale, accumulate_grad_batches=accumulate))
+        signed = cap.pop(scale=per_sample_scale(batch["labels"], loss_scale=loss_scale,
+                                                accumulate_grad_batches=accumulate))
     assert signed.shape == (4, 2, 4)
     assert max_rel_err(signed.abs().mean(0), expected) <= 1e-4
     assert model.model.layers[0].self_attn.q_proj.weight.grad is not None  # it was a real backward
@@ -306,6 +307,7 @@ def _ddp_batches():
     ]
 
 
+@pytest.mark.slow
 def test_distributed_all_reduce_equals_single_process(tmp_path):
     import torch.multiprocessing as mp
 

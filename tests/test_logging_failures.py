@@ -13,21 +13,20 @@ import torch
 from lit_heads.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = """
-model: {num_generate: 0}
-data: {train_size: 8, val_size: 2, max_length: 96, batch_size: 2}
-trainer:
-  max_steps: 3
-  log_every_n_steps: 1
-  val_check_interval: 3
-  enable_progress_bar: false
-  default_root_dir: wb
-  logger:
-    class_path: lit_heads.loggers.WandbLogger
-    init_args: {name: t, offline: null}
-  callbacks:
-    - class_path: lit_heads.callbacks.fit_summary.FitSummary
-"""
+# Every test here is a whole fit (3 steps) through the CLI: slow.
+pytestmark = pytest.mark.slow
+TINY = {
+    "data": {"val_size": 2},
+    "trainer": {
+        "max_steps": 3,
+        "log_every_n_steps": 1,
+        "val_check_interval": 3,
+        "enable_progress_bar": False,
+        "default_root_dir": "wb",
+        "logger": {"class_path": "lit_heads.loggers.WandbLogger", "init_args": {"name": "t", "offline": None}},
+        "callbacks": [{"class_path": "lit_heads.callbacks.fit_summary.FitSummary"}],
+    },
+}
 
 
 def no_network(*args, **kwargs):
@@ -35,19 +34,20 @@ def no_network(*args, **kwargs):
 
 
 @pytest.fixture
-def fit(tmp_path, tiny_llama_dir, monkeypatch):
+def fit(tmp_path, tiny_llama_dir, tiny_overlay, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with a W&B key
     for var in ("WANDB_MODE", "WANDB_API_KEY"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr("lit_heads.loggers.socket.create_connection", no_network)  # fast, and never the real network
-    (tmp_path / "tiny.yaml").write_text(TINY)
+    tiny_overlay(TINY)
     import wandb
 
     wandb.teardown()  # wandb keeps the settings (mode, key) of its first run in a process-wide singleton
 
     def run():
-        main(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--config", "tiny.yaml", "--model.model", str(tiny_llama_dir)])
+        main(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--config", "tiny.yaml", "--model.model",
+              str(tiny_llama_dir)])
         rows = [json.loads(line) for line in (tmp_path / "wb" / "metrics.jsonl").read_text().splitlines()]
         assert sorted({r["step"] for r in rows if "train/loss" in r}) == [0, 1, 2]  # every step's loss, on disk
         assert any("val/loss" in r for r in rows)

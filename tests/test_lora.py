@@ -3,6 +3,7 @@ wrapper, checkpoints and resume, and option errors."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -213,6 +214,7 @@ def test_fit_trains_only_the_adapters_and_exports_the_merged_model(tiny_llama_di
     assert not torch.allclose(logits, base(input_ids=inspect.batch["input_ids"]).logits, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_adapters_and_the_checkpoint_merges(tiny_llama_dir, tmp_path):
     data = {**DATA, "train_size": 4}  # one batch per epoch: every step sees the same batch
     straight, _ = fit(tiny_llama_dir, tmp_path / "straight", LoRAFinetuning(r=2), max_steps=4, data=data,
@@ -262,26 +264,28 @@ def test_lora_and_head_restriction_together_are_refused(tiny_llama_dir, tmp_path
         fit(tiny_llama_dir, tmp_path, LoRAFinetuning(r=2), extra=[HeadRestrictedFinetuning(strategy="random", top_k=1)])
 
 
-TINY = """
-model: {num_generate: 0}
-data: {train_size: 16, val_size: 8, max_length: 128, batch_size: 4}
-trainer:
-  max_steps: 4
-  val_check_interval: 2
-  log_every_n_steps: 1
-  callbacks:
-    - class_path: lit_heads.callbacks.lora.LoRAFinetuning
-      init_args: {r: 4, targets: [q_proj, o_proj]}
-    - class_path: lit_heads.callbacks.head_monitor.HeadActivationMonitor
-      init_args: {every_n_steps: 2, probe_size: 6, free: true, top_k: 3, dirpath: runs/quickstart/heads}
-    - class_path: lit_heads.callbacks.export.ExportHF
-      init_args: {dirpath: runs/quickstart/export}
-"""
+TINY = {
+    "data": {"train_size": 16, "val_size": 8, "max_length": 128, "batch_size": 4},
+    "trainer": {
+        "max_steps": 4,
+        "val_check_interval": 2,
+        "log_every_n_steps": 1,
+        "callbacks": [
+            {"class_path": "lit_heads.callbacks.lora.LoRAFinetuning",
+             "init_args": {"r": 4, "targets": ["q_proj", "o_proj"]}},
+            {"class_path": "lit_heads.callbacks.head_monitor.HeadActivationMonitor",
+             "init_args": {"every_n_steps": 2, "probe_size": 6, "free": True, "top_k": 3,
+                           "dirpath": "runs/quickstart/heads"}},
+            {"class_path": "lit_heads.callbacks.export.ExportHF", "init_args": {"dirpath": "runs/quickstart/export"}},
+        ],
+    },
+}
 
 
-def test_cli_lora_fit_monitors_heads_through_the_wrapper(tmp_path, tiny_llama_dir, monkeypatch):
+@pytest.mark.slow
+def test_cli_lora_fit_monitors_heads_through_the_wrapper(tmp_path, tiny_llama_dir, tiny_overlay, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "tiny.yaml").write_text(TINY)
+    tiny_overlay(TINY)
     main(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--config", "tiny.yaml",
           "--model.model", str(tiny_llama_dir)])
     history = PatternHistory.load(tmp_path / "runs/quickstart/heads/ap_history.safetensors")
@@ -301,9 +305,11 @@ def test_cli_lora_fit_monitors_heads_through_the_wrapper(tmp_path, tiny_llama_di
     assert [m["step"] for m in free] == [2, 4] and all(0 < m["heads_free/gini"] < 1 for m in free)
 
 
-def test_cli_unknown_target_exits_2(tmp_path, tiny_llama_dir, monkeypatch, capsys):
+def test_cli_unknown_target_exits_2(tmp_path, tiny_llama_dir, tiny_overlay, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "tiny.yaml").write_text(TINY.replace("[q_proj, o_proj]", "[q_proj, attn_out]"))
+    overlay = copy.deepcopy(TINY)
+    overlay["trainer"]["callbacks"][0]["init_args"]["targets"] = ["q_proj", "attn_out"]
+    tiny_overlay(overlay)
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--config", "tiny.yaml",
               "--model.model", str(tiny_llama_dir)])

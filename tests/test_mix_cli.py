@@ -37,7 +37,8 @@ def test_lstsq_alpha_with_negative_weight_is_clipped_or_abs(tmp_path):
                   output=str(tmp_path / "clip.jsonl"))
     assert clipped["counts"] == {"arithmetic": 12, "code": 0}
     assert _tasks(tmp_path / "clip.jsonl") == {"arithmetic": 12}
-    absolute = mix("arithmetic=0.75,code=-0.25", "arithmetic=generated:arithmetic,code=generated:code", n=12, rule="abs",
+    absolute = mix("arithmetic=0.75,code=-0.25", "arithmetic=generated:arithmetic,code=generated:code", n=12,
+                   rule="abs",
                    output=str(tmp_path / "abs.jsonl"))
     assert absolute["counts"] == {"arithmetic": 9, "code": 3}
     assert _tasks(tmp_path / "abs.jsonl") == {"arithmetic": 9, "code": 3}

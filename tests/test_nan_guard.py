@@ -13,22 +13,10 @@ from lit_heads.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 BAD_STEP = 2
-TINY = """
-model: {{num_generate: 0}}
-data: {{train_size: 12, val_size: 2, max_length: 96, batch_size: 2}}
-trainer:
-  max_steps: 4
-  logger: false
-  enable_progress_bar: false
-  callbacks:
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{dirpath: ck, save_last: true, save_top_k: -1, every_n_train_steps: 1}}
-    - class_path: test_nan_guard.PoisonLossAt
-      init_args: {{step: {step}, value: {value}}}
-    - class_path: lit_heads.callbacks.export.ExportHF
-      init_args: {{dirpath: export}}
-{extra}
-"""
+TINY = {
+    "data": {"train_size": 12, "val_size": 2},
+    "trainer": {"max_steps": 4, "logger": False, "enable_progress_bar": False},
+}
 
 
 class PoisonLossAt(L.Callback):
@@ -48,19 +36,28 @@ class PoisonLossAt(L.Callback):
             self.handle = None
 
 
-def run(tmp_path, model_dir, value: str, extra: str = "") -> list[str]:
-    yaml_value = {"nan": ".nan", "inf": ".inf"}[value]  # YAML's spelling of float nan / inf
-    (tmp_path / "tiny.yaml").write_text(TINY.format(step=BAD_STEP, value=yaml_value, extra=extra))
-    return ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--config", "tiny.yaml", "--model.model", str(model_dir)]
+def run(tiny_overlay, model_dir, value: str, extra: dict | None = None) -> list[str]:
+    callbacks = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": "ck", "save_last": True, "save_top_k": -1, "every_n_train_steps": 1}},
+        {"class_path": "test_nan_guard.PoisonLossAt", "init_args": {"step": BAD_STEP, "value": float(value)}},
+        {"class_path": "lit_heads.callbacks.export.ExportHF", "init_args": {"dirpath": "export"}},
+        *([extra] if extra else []),
+    ]
+    tiny_overlay({**TINY, "trainer": {**TINY["trainer"], "callbacks": callbacks}})
+    return ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--config", "tiny.yaml", "--model.model",
+            str(model_dir)]
 
 
 # (inf logits give a NaN cross-entropy, so the injected fault is NaN; an inf loss takes the same path:
 # torch.isfinite is False for both.)
 @pytest.mark.parametrize("value", ["nan"])
-def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_llama_dir, monkeypatch, capsys, value):
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_llama_dir,
+                                                                                  tiny_overlay, monkeypatch, capsys,
+                                                                                  value):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        main(run(tmp_path, tiny_llama_dir, value))
+        main(run(tiny_overlay, tiny_llama_dir, value))
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert f"the training loss is {value} at step {BAD_STEP} (epoch 0, batch {BAD_STEP})" in err
@@ -69,14 +66,15 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     assert last["global_step"] == BAD_STEP  # no checkpoint was written for the bad step
     assert all(torch.isfinite(t).all() for t in last["state_dict"].values())
     # last.ckpt is the good step-2 checkpoint, byte for byte: nothing rewrote it after the NaN.
-    assert (tmp_path / "ck" / "last.ckpt").read_bytes() == (tmp_path / "ck" / f"epoch=0-step={BAD_STEP}.ckpt").read_bytes()
+    good = (tmp_path / "ck" / f"epoch=0-step={BAD_STEP}.ckpt").read_bytes()
+    assert (tmp_path / "ck" / "last.ckpt").read_bytes() == good
     assert not (tmp_path / "export").exists()  # a failed run exports nothing
 
 
-def test_skip_true_skips_the_bad_batch_and_finishes(tmp_path, tiny_llama_dir, monkeypatch):
+def test_skip_true_skips_the_bad_batch_and_finishes(tmp_path, tiny_llama_dir, tiny_overlay, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    extra = "    - class_path: lit_heads.callbacks.nan_guard.NanGuard\n      init_args: {skip: true, max_skips: 3}"
-    main(run(tmp_path, tiny_llama_dir, "nan", extra))
+    extra = {"class_path": "lit_heads.callbacks.nan_guard.NanGuard", "init_args": {"skip": True, "max_skips": 3}}
+    main(run(tiny_overlay, tiny_llama_dir, "nan", extra))
     before = torch.load(tmp_path / "ck" / f"epoch=0-step={BAD_STEP}.ckpt", weights_only=False)
     after = torch.load(tmp_path / "ck" / f"epoch=0-step={BAD_STEP + 1}.ckpt", weights_only=False)
     # The skipped step changed no weight and no optimizer moment (grad None, not zero: AdamW's
@@ -85,5 +83,6 @@ def test_skip_true_skips_the_bad_batch_and_finishes(tmp_path, tiny_llama_dir, mo
     assert after["callbacks"]["NanGuard"]["skipped_steps"] == [BAD_STEP]
     final = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)
     assert final["global_step"] == 4 and all(torch.isfinite(t).all() for t in final["state_dict"].values())
-    assert not torch.equal(final["state_dict"]["model.lm_head.weight"], after["state_dict"]["model.lm_head.weight"])  # training went on
+    # training went on
+    assert not torch.equal(final["state_dict"]["model.lm_head.weight"], after["state_dict"]["model.lm_head.weight"])
     assert (tmp_path / "export" / "config.json").is_file()

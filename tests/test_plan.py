@@ -378,6 +378,7 @@ def test_bad_input_is_a_clear_error_with_exit_2(case, tmp_path, capsys):
     assert not missing, f"message lacks {missing}:\n{err}"
 
 
+@pytest.mark.slow
 def test_unknown_arm_exits_2_in_a_real_process():
     result = subprocess.run([sys.executable, "-m", "lit_heads.cli", "plan", "--model", str(MODELS / "llama-3-8b.json"),
                              "--arms", "sideways:0.1"], capture_output=True, text=True, timeout=600)
@@ -388,6 +389,7 @@ def test_unknown_arm_exits_2_in_a_real_process():
 # ---- the bundled model -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_bundled_gguf_plans_from_metadata_with_the_counts_real_fits_printed(capsys):
     """SmolLM2-135M from its GGUF metadata: the total and the random:0.1 count equal what real fits

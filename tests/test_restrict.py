@@ -5,10 +5,10 @@ import torch
 import transformers
 
 import arch_sweep
-from tiny_models import ARCHS, sft_batch, tiny_model
 from lit_heads.errors import ConfigError
 from lit_heads.heads.layout import find_heads
 from lit_heads.heads.restrict import HeadDelta, HeadRestriction
+from tiny_models import ARCHS, sft_batch, tiny_model
 
 HIDDEN, HD = 32, 8  # tiny_models: hidden 32, 4 query heads of 8 dims; Llama has 2 KV groups
 HEADS = [(0, 1), (1, 2), (1, 3)]

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from tiny_models import sft_batch, tiny_model
 
 from lit_heads.heads.restrict import HeadRestriction
+from tiny_models import sft_batch, tiny_model
 
 HEADS = [(0, 1), (1, 2)]
 WORLD = 2
@@ -46,6 +46,7 @@ def _worker(rank, port, out_dir):
     os._exit(0)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_ddp_ranks_agree_and_frozen_weights_stay_bit_identical(tmp_path):
     mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)

@@ -105,7 +105,8 @@ def config(model_dir: Path, run: Path, *, restricted: bool, kill_at: int | None,
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
       init_args: {{dirpath: {run}/checkpoints, every_n_train_steps: 1, save_last: true, save_top_k: -1}}
     - class_path: lit_heads.callbacks.head_monitor.HeadActivationMonitor
-      init_args: {{every_n_steps: 3, probe: val, probe_size: 4, free: true, top_k: 3, log_table: false, dirpath: {run}/heads}}
+      init_args: {{every_n_steps: 3, probe: val, probe_size: 4, free: true, top_k: 3, log_table: false,
+                   dirpath: {run}/heads}}
     - class_path: lit_heads.callbacks.export.ExportHF
       init_args: {{dirpath: {run}/export}}"""
     if restricted:
@@ -175,7 +176,8 @@ def assert_same_run(ref: Path, resumed: Path) -> None:
     a, b = final_weights(ref), final_weights(resumed)
     assert a.keys() == b.keys()
     differing = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not differing, f"resumed weights differ from the uninterrupted run in {len(differing)} tensors, e.g. {differing[:3]}"
+    assert not differing, (f"resumed weights differ from the uninterrupted run in {len(differing)} tensors, "
+                           f"e.g. {differing[:3]}")
     # The exported (merged) model too: the weights a user takes away.
     from safetensors.torch import load_file
 
@@ -184,7 +186,8 @@ def assert_same_run(ref: Path, resumed: Path) -> None:
 
     from lit_heads.heads.history import PatternHistory
 
-    ha, hb = PatternHistory.load(ref / "heads" / "ap_history.safetensors"), PatternHistory.load(resumed / "heads" / "ap_history.safetensors")
+    ha = PatternHistory.load(ref / "heads" / "ap_history.safetensors")
+    hb = PatternHistory.load(resumed / "heads" / "ap_history.safetensors")
     assert ha.steps == hb.steps == [0, 3, 6, 9, 10]
     assert all(torch.equal(x, y) for x, y in zip(ha.scores, hb.scores))
     # The monitor's logged statistics after the resume point match the reference's, value for value.
@@ -229,6 +232,7 @@ def kill_and_resume(tmp: Path, model_dir: Path, *, restricted: bool) -> Path:
 # history, selection). Full SFT runs the same machinery (loader state, optimizer, scheduler) and
 # passes too ("full-sft"); it is left out of the default run to keep the suite within its time budget:
 # add False to the list to run it.
+@pytest.mark.slow
 @pytest.mark.parametrize("restricted", [True], ids=["head-restricted"])
 def test_sigkill_mid_epoch_then_resume_last_is_bit_exact(tmp_path, tiny_llama_dir, reference_runs, restricted):
     """Guarantee 1: weights, AP-monitor history/statistics and head selection of a killed+resumed run
@@ -247,7 +251,8 @@ def test_datamodule_train_loader_is_resumable(tiny_llama_dir):
 
     from lit_heads.data import SFTDataModule
 
-    dm = SFTDataModule(tokenizer=str(tiny_llama_dir), train="generated:arithmetic", train_size=8, val_size=2, max_length=96)
+    dm = SFTDataModule(tokenizer=str(tiny_llama_dir), train="generated:arithmetic", train_size=8, val_size=2,
+                       max_length=96)
     loader = dm.train_dataloader()
     assert isinstance(loader, _Stateful)
     sampler = loader.sampler
@@ -324,6 +329,7 @@ else:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ckpt", "pattern"])
 def test_kill_during_write_leaves_the_previous_file_intact(tmp_path, kind):
     """Guarantee 1 (atomic files): a SIGKILL in the middle of writing last.ckpt / a pattern file
@@ -361,10 +367,13 @@ def test_atomic_checkpoint_io_is_used_by_fit_and_respects_a_configured_plugin(tm
     monkeypatch.chdir(tmp_path)
     calls = []
     original = AtomicCheckpointIO.save_checkpoint
-    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", lambda self, c, p, storage_options=None: (calls.append(Path(p).name), original(self, c, p, storage_options))[1])
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint",
+                        lambda self, c, p, storage_options=None: (calls.append(Path(p).name),
+                                                                  original(self, c, p, storage_options))[1])
     args = ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--model.model", str(tiny_llama_dir),
             "--model.num_generate", "0", "--data.train_size", "4", "--data.val_size", "2", "--data.max_length", "96",
-            "--trainer.max_steps", "2", "--trainer.logger", "false", "--trainer.callbacks", "lightning.pytorch.callbacks.ModelCheckpoint",
+            "--trainer.max_steps", "2", "--trainer.logger", "false", "--trainer.callbacks",
+            "lightning.pytorch.callbacks.ModelCheckpoint",
             "--trainer.callbacks.dirpath", "ck", "--trainer.callbacks.save_last", "true",
             "--trainer.callbacks.every_n_train_steps", "1",
             # a plugin of the user's own: here a cluster-environment plugin
@@ -392,6 +401,7 @@ def wandb_ids(run: Path) -> list[str]:
     return sorted(p.name.rsplit("-", 1)[1] for p in (run / "wandb").glob("offline-run-*"))
 
 
+@pytest.mark.slow
 def test_kill_during_validation_then_resume_is_one_run_with_one_record_per_step(tmp_path, tiny_llama_dir):
     """Killed during the validation after step 8 (the checkpoint of step 8 was written before it):
     the resumed run validates step 8 again, metrics.jsonl holds the uninterrupted run's records, each
@@ -416,6 +426,7 @@ def test_kill_during_validation_then_resume_is_one_run_with_one_record_per_step(
     assert len(ids) == 2 and ids[0] == ids[1], ids  # two offline parts of one W&B run: `wandb sync` joins them
 
 
+@pytest.mark.slow
 def test_steps_replayed_after_a_resume_are_recorded_once(tmp_path, tiny_llama_dir):
     """Killed at step 8 and resumed from the checkpoint of step 6: steps 6 and 7 run twice, but
     metrics.jsonl (and the W&B run) hold each step once, with the uninterrupted run's values."""
@@ -467,6 +478,7 @@ def short_run(tmp_path_factory, tiny_llama_dir):
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ckpt", ["last", "file"])
 @pytest.mark.parametrize("change, flags, needle", [
     ("model", ["--model.model", "OTHER"], "model.model: "),
@@ -514,6 +526,7 @@ def warmup_cosine(step: int, total: int, base: float = 3.0e-3, warmup: int = 2, 
     return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+@pytest.mark.slow
 def test_more_steps_on_resume_rederive_the_schedule_for_the_new_total(tmp_path, tiny_llama_dir):
     """A run of 6 steps resumed with max_steps 10: from step 6 on, the learning rate follows the
     warmup-cosine schedule of 10 steps (it used to stay at the 6-step schedule's floor)."""
@@ -540,6 +553,7 @@ def test_more_steps_on_resume_rederive_the_schedule_for_the_new_total(tmp_path, 
 # ---- --ckpt_path last with nothing to resume -----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ckpt_path_last_without_a_checkpoint_is_an_error_and_last_or_new_starts_fresh(tmp_path, tiny_llama_dir, capsys):
     run = tmp_path / "run"
     code, err = in_process(tmp_path, "a", tiny_llama_dir, run, "--ckpt_path", "last", "--trainer.max_steps", "2",
@@ -564,6 +578,7 @@ def test_ckpt_path_last_without_a_checkpoint_is_an_error_and_last_or_new_starts_
 # ---- temps of killed writes, and one fit per run folder ------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_fit_removes_the_temps_that_killed_writes_left_in_its_run_folder(tmp_path, tiny_llama_dir):
     run = tmp_path / "run"
     kill = "\n    - {class_path: test_resume.KillInCheckpointWrite, init_args: {step: 3}}"
@@ -584,6 +599,7 @@ def test_a_fit_removes_the_temps_that_killed_writes_left_in_its_run_folder(tmp_p
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == MAX_STEPS
 
 
+@pytest.mark.slow
 def test_a_second_fit_into_a_busy_run_folder_is_refused_and_the_first_is_untouched(tmp_path, tiny_llama_dir, capsys):
     run = tmp_path / "run"
     started, release = tmp_path / "started", tmp_path / "release"

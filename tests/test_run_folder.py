@@ -14,7 +14,8 @@ def trainer_section(**overrides) -> Namespace:
     section = Namespace(
         default_root_dir="runs/x", enable_checkpointing=None,
         logger=Namespace(class_path="lit_heads.loggers.WandbLogger", init_args=Namespace(save_dir=None, name="n")),
-        callbacks=[Namespace(class_path="lit_heads.callbacks.fit_summary.FitSummary", init_args=Namespace(num_generate=None))],
+        callbacks=[Namespace(class_path="lit_heads.callbacks.fit_summary.FitSummary",
+                             init_args=Namespace(num_generate=None))],
     )
     for key, value in overrides.items():
         section[key] = value
@@ -35,7 +36,8 @@ def test_explicit_folders_are_kept_and_no_checkpoint_is_added_when_checkpointing
     section = trainer_section(callbacks=[own])
     section.logger.init_args.save_dir = "logs"
     fill_run_folder(section)
-    assert section.logger.init_args.save_dir == "logs" and section.callbacks == [own] and own.init_args.dirpath == "elsewhere"
+    assert section.logger.init_args.save_dir == "logs" and section.callbacks == [own]
+    assert own.init_args.dirpath == "elsewhere"
 
     off = trainer_section(enable_checkpointing=False, logger=False)
     fill_run_folder(off)
@@ -47,5 +49,6 @@ def test_a_checkpoint_callback_without_dirpath_writes_under_the_run_folder(tmp_p
     mine = Namespace(class_path=CHECKPOINT, init_args=Namespace(dirpath=None, save_last=True))
     section = trainer_section(default_root_dir=None, callbacks=[mine])
     fill_run_folder(section)  # no default_root_dir: the working directory, as in Lightning
-    assert mine.init_args.dirpath == str(tmp_path / "checkpoints") and section.logger.init_args.save_dir == str(tmp_path)
+    assert mine.init_args.dirpath == str(tmp_path / "checkpoints")
+    assert section.logger.init_args.save_dir == str(tmp_path)
     assert len(section.callbacks) == 1

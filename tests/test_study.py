@@ -10,8 +10,17 @@ import pytest
 import torch
 
 from lit_heads.analysis.study import (
-    ARMS, MIX_ARMS, PAPER, StudyConfig, change_over_steps, composition, plan_budget, resolve_device, similarity,
-    specificity, trainer_device,
+    ARMS,
+    MIX_ARMS,
+    PAPER,
+    StudyConfig,
+    change_over_steps,
+    composition,
+    plan_budget,
+    resolve_device,
+    similarity,
+    specificity,
+    trainer_device,
 )
 from lit_heads.errors import ConfigError, DataError
 from lit_heads.heads import stats
@@ -32,7 +41,9 @@ def test_similarity_diagonal_is_within_task_and_separates_distinct_tasks():
     m = np.asarray(similarity(halves, stats.pearson))
     assert m[0, 0] == pytest.approx(stats.pearson(halves["x"]["a"], halves["x"]["b"]))
     # Off the diagonal: the mean of the two half-vs-half pairings, so the matrix is symmetric.
-    assert m[0, 2] == pytest.approx(0.5 * (stats.pearson(halves["x"]["a"], halves["y"]["b"]) + stats.pearson(halves["x"]["b"], halves["y"]["a"])))
+    assert m[0, 2] == pytest.approx(0.5 * (stats.pearson(halves["x"]["a"],
+                                                         halves["y"]["b"]) + stats.pearson(halves["x"]["b"],
+                                                                                           halves["y"]["a"])))
     assert np.allclose(m, m.T)
     assert m[0, 1] > 0.9 and abs(m[0, 2]) < 0.6  # same signal ~ noise floor; different signal far below
     spec = specificity(m.tolist(), list(halves))
@@ -49,7 +60,8 @@ def test_composition_recovers_exact_alpha_and_control_fits_worse():
     for method in ("lstsq", "nnls"):
         assert out["main"][method]["alpha"] == pytest.approx({"arithmetic": 0.6, "code": 0.4}, abs=1e-5)
         assert out["main"][method]["r2"] == pytest.approx(1.0, abs=1e-6)
-    assert set(out["controls"]) == {"string+code (string instead of arithmetic)", "arithmetic+string (string instead of code)", "string alone"}
+    assert set(out["controls"]) == {"string+code (string instead of arithmetic)",
+                                    "arithmetic+string (string instead of code)", "string alone"}
     assert all(fits["lstsq"]["r2"] < 0.999 for fits in out["controls"].values())
     assert set(out["all_basic"]["nnls"]["alpha"]) == {"arithmetic", "code", "string"}
     assert out["all_basic"]["nnls"]["alpha"]["string"] == pytest.approx(0.0, abs=1e-5)
@@ -82,7 +94,9 @@ def test_cross_half_r2_and_noise_ceiling_against_a_direct_computation():
     assert out["main"]["cross_half_r2"] == pytest.approx(expected)
     ceiling = 0.5 * (_lstsq_r2(target["a"], [target["b"]]) + _lstsq_r2(target["b"], [target["a"]]))
     assert out["noise_ceiling_r2"] == pytest.approx(ceiling)
-    assert out["main"]["lstsq"]["r2"] == pytest.approx(_lstsq_r2(target["full"], [deltas["arithmetic"]["full"], deltas["code"]["full"]]))
+    assert out["main"]["lstsq"]["r2"] == pytest.approx(_lstsq_r2(target["full"],
+                                                                 [deltas["arithmetic"]["full"],
+                                                                  deltas["code"]["full"]]))
     # A control made of noise only cannot cross the halves: its R² stays far below the true composition's.
     assert out["controls"]["string alone"]["cross_half_r2"] < out["main"]["cross_half_r2"] - 0.3
 
@@ -183,7 +197,8 @@ def test_config_validation_names_the_problem():
         StudyConfig(ablate_mask="half").validate()
     with pytest.raises(ConfigError, match=r"'top_k': 0"):
         StudyConfig(top_k=0).validate()
-    with pytest.raises(ConfigError, match=r"^restricted_top_k=27, ablate_k=\[1, 3, 9, 27\]: larger than the 24 attention "
+    with pytest.raises(ConfigError,
+                       match=r"^restricted_top_k=27, ablate_k=\[1, 3, 9, 27\]: larger than the 24 attention "
                                           r"heads of m; every k of the study .* must be from 1 to 24\.$"):
         StudyConfig().check_heads("m", 24)
     StudyConfig().check_heads("m", 27)  # k equal to the number of heads is allowed
@@ -257,7 +272,8 @@ def test_lengths_that_would_cut_a_sample_or_an_answer_are_refused(bundled_tokeni
                                                                             "longest_answer": answer}
         with pytest.raises(ConfigError, match=rf"max_length={longest - 1} would cut .* needs {longest} tokens"):
             check_fits(StudyConfig(**{**TINY, "max_length": longest - 1}), tasks, PromptEncoder(tok, longest - 1), "m")
-        with pytest.raises(ConfigError, match=rf"max_new_tokens={answer - 1} would cut graded answers of multistep_code "
+        with pytest.raises(ConfigError,
+                           match=rf"max_new_tokens={answer - 1} would cut graded answers of multistep_code "
                                               rf"for m .*Set max_new_tokens: {answer} or more"):
             check_fits(StudyConfig(**{**TINY, "max_new_tokens": answer - 1}), tasks, PromptEncoder(tok, 10_000), "m")
         if tok is bundled_tokenizer:
@@ -290,8 +306,10 @@ def test_causal_check_masks_what_each_ranking_and_seed_choose(tiny_llama_dir):
             with HeadMask(runner.module.model, expected, mode="mean", means=means):
                 assert row["loss"] == pytest.approx(runner.module.evaluate_loss(batches), rel=1e-5)
     assert out["base"]["loss"] == pytest.approx(runner.module.evaluate_loss(batches), rel=1e-5)
-    summary = [{"k": 1, "top": {"loss_increase": {"mean": 0.3}}, "random": {"loss_increase": {"mean": 0.1, "max": 0.4}}},
-               {"k": 2, "top": {"loss_increase": {"mean": 0.5}}, "random": {"loss_increase": {"mean": 0.2, "max": 0.3}}}]
+    summary = [{"k": 1, "top": {"loss_increase": {"mean": 0.3}},
+                "random": {"loss_increase": {"mean": 0.1, "max": 0.4}}},
+               {"k": 2, "top": {"loss_increase": {"mean": 0.5}},
+                "random": {"loss_increase": {"mean": 0.2, "max": 0.3}}}]
     verdict = passes(summary)
     assert verdict["all"] and [v["above_every_seed"] for v in verdict["per_k"]] == [False, True]
     assert verdict["per_k"][0]["top_minus_random"] == pytest.approx(0.2)
@@ -349,10 +367,12 @@ def test_budget_grows_with_the_work_and_profiles_fit_their_limits():
     more = StudyConfig(**{**default.__dict__, "seeds": [*default.seeds, 99]})
     per_seed = (len(ARMS) - 1) * (default.mix_steps + default.complex_steps)  # every trained arm, one more seed
     assert plan_budget(more, True)["sft_steps"] == plan_budget(default, True)["sft_steps"] + per_seed
-    assert plan_budget(more, True)["generated_answers"] == plan_budget(default, True)["generated_answers"] + (len(ARMS) - 1) * default.eval_samples
+    assert (plan_budget(more, True)["generated_answers"]
+            == plan_budget(default, True)["generated_answers"] + (len(ARMS) - 1) * default.eval_samples)
     assert plan_budget(default, True)["eta_s"] > plan_budget(default, False)["eta_s"]
     budget = plan_budget(default, True)
-    assert sum(budget["stages"].values()) == budget["eta_s"] and set(budget["stages"]) >= {"finding1", "application", "real"}
+    assert sum(budget["stages"].values()) == budget["eta_s"] and set(budget["stages"]) >= {"finding1", "application",
+                                                                                           "real"}
     # The causal check: one loss over the samples per evaluation (1 unmasked, per k the random seeds and the
     # top and bottom of 2 rankings), plus the forward pass of the mean ablation's means.
     evaluations = 1 + len(default.ablate_k) * (len(default.ablate_seeds) + 4)
@@ -430,7 +450,8 @@ def _check_outputs(out: Path, cfg: dict) -> dict:
         assert len((out / "mix" / f"{arm}.jsonl").read_text().splitlines()) == app["n_mix"]
     assert app["steps"]["complex_only"] == app["steps"]["mix"] + app["steps"]["complex"]
     diff = app["paired"]["ap_mix - random_mix"]
-    assert diff["values"] == pytest.approx([a - r for a, r in zip(acc["ap_mix"]["values"], acc["random_mix"]["values"])])
+    assert diff["values"] == pytest.approx([a - r for a, r in zip(acc["ap_mix"]["values"],
+                                                                  acc["random_mix"]["values"])])
     f1 = results["finding1"]
     n_tasks = len(cfg["basic_tasks"]) + 1
     assert np.asarray(f1["similarity"]["delta_corr"]["matrix"]).shape == (n_tasks, n_tasks)
@@ -470,7 +491,8 @@ def _check_outputs(out: Path, cfg: dict) -> dict:
 TINY = dict(basic_tasks=["multistep", "code", "string"], complex_task="multistep_code", real_data="off", max_length=208,
             batch_size=2, warmup_steps=1, ap_samples=8, ap_batch_size=4, sft_steps=2, top_k=4, track_every=1,
             track_samples=2, restricted_top_k=2, restricted_random=True, eval_samples=2, max_new_tokens=64,
-            complex_train_size=4, mix_steps=1, complex_steps=1, basic_train_sizes={"multistep": 40, "code": 20, "string": 10},
+            complex_train_size=4, mix_steps=1, complex_steps=1,
+            basic_train_sizes={"multistep": 40, "code": 20, "string": 10},
             seeds=[0, 1], ablate_k=[1, 2], ablate_seeds=[0, 1], ablate_samples=3, progress_bar=False)
 
 
@@ -484,7 +506,8 @@ def test_runner_restarts_every_arm_from_the_base_weights(tiny_llama_dir):
     complex_task = tasks["multistep_code"]
     parts = [{e.prompt for e in part} for part in (complex_task.train, complex_task.heldout, complex_task.causal)]
     assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
-    assert len(complex_task.causal) == TINY["ablate_samples"] and all(not t.causal for t in tasks.values() if t.kind == "basic")
+    assert len(complex_task.causal) == TINY["ablate_samples"]
+    assert all(not t.causal for t in tasks.values() if t.kind == "basic")
     assert runner.state == "base"
     runner.train(tasks["multistep"].train[:4], 2, seed=0, label="trained")
     assert runner.state == "trained"
@@ -532,6 +555,7 @@ def tiny_gemma_dir(tmp_path_factory, bundled_tokenizer):
     return path
 
 
+@pytest.mark.slow
 def test_whole_study_on_two_tiny_models_side_by_side(tiny_llama_dir, tiny_gemma_dir, tmp_path, capsys):
     from lit_heads.cli import main as cli_main
 
@@ -542,7 +566,8 @@ def test_whole_study_on_two_tiny_models_side_by_side(tiny_llama_dir, tiny_gemma_
     cli_main(args)
     printed = capsys.readouterr().out
     # Both plans and the total come first, before any model loads.
-    assert printed.index(f"plan for {tiny_gemma_dir}") < printed.index("2 models, estimated") < printed.index("[study] SFT on")
+    assert printed.index(f"plan for {tiny_gemma_dir}") < printed.index("2 models, "
+                                                                       "estimated") < printed.index("[study] SFT on")
     for model_dir in (tiny_llama_dir, tiny_gemma_dir):
         results = _check_outputs(out / model_dir.name, TINY)
         assert {k: results["model"][k] for k in ("name", "layers", "heads")} == {"name": str(model_dir), "layers": 2,
@@ -578,6 +603,7 @@ def test_whole_study_on_two_tiny_models_side_by_side(tiny_llama_dir, tiny_gemma_
     assert not (tmp_path / "refused").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_quick_profile_on_the_bundled_model(tmp_path):
     import yaml

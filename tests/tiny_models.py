@@ -100,7 +100,8 @@ def tiny_config(arch: str, **overrides):
     return cls(**{**kwargs, **overrides})
 
 
-def tiny_model(arch: str = "llama", *, attn_implementation: str = "eager", seed: int = 0, dtype=torch.float32, **overrides):
+def tiny_model(arch: str = "llama", *, attn_implementation: str = "eager", seed: int = 0, dtype=torch.float32,
+               **overrides):
     """A random-initialised *ForCausalLM for `arch`, in eval mode, with non-trivial biases.
 
     Biases are randomised because HF initialises them to zero, which would hide slice bugs in bias

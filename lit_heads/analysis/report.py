@@ -82,7 +82,8 @@ def _json(path: Path, writer: str) -> dict:
     if not path.is_file():
         raise DataError(
             f"{path} is missing, so this run cannot be reported. It is written by the {writer} callback at the end "
-            f"of `lit_heads fit`; check that the run finished (see fit.log next to it) and that its config keeps {writer}."
+            "of `lit_heads fit`; check that the run finished (see fit.log next to it) and that its config keeps "
+            f"{writer}."
         )
     return json.loads(path.read_text())
 
@@ -101,7 +102,8 @@ def table_rows(arms: list[ArmResult]) -> list[list[str]]:
         if a.lora is not None:
             heads = f"LoRA r={a.lora['r']} on {', '.join(a.lora['modules'])}"
         acc = format_accuracy(a)
-        memory = f"{a.peak_rss_mb / 1024:.2f} GiB RSS" + (f", {a.peak_cuda_mb / 1024:.2f} GiB CUDA" if a.peak_cuda_mb else "")
+        memory = f"{a.peak_rss_mb / 1024:.2f} GiB RSS" + (
+            f", {a.peak_cuda_mb / 1024:.2f} GiB CUDA" if a.peak_cuda_mb else "")
         rows.append([
             a.name, heads, f"{a.trainable:,}", f"{100 * a.trainable / a.total:.3f}%", f"{a.optimizer_state:,}",
             f"{a.val_loss_before:.4f} → {a.val_loss:.4f}", acc, f"{a.step_time_s:.3f} s", memory,
@@ -210,7 +212,8 @@ def write_report(arms: list[ArmResult], out_dir: str | Path, *, title: str | Non
     if command:
         lines += ["```", command, "```", ""]
     lines += [
-        f"{len(arms)} arms from one config: same seed, data and step budget ({', '.join(map(str, steps))} optimizer steps).",
+        f"{len(arms)} arms from one config: same seed, data and step budget ({', '.join(map(str, steps))} optimizer "
+        "steps).",
         "",
         markdown_table(arms),
         "",
@@ -237,7 +240,8 @@ def write_report(arms: list[ArmResult], out_dir: str | Path, *, title: str | Non
     report = out / "report.md"
     atomic_write_text(report, "\n".join(lines).rstrip() + "\n")
     results = [
-        {k: v for k, v in vars(a).items() if k not in ("history", "directory")} | {"directory": str(a.directory), "ap_change": a.ap_change}
+        {k: v for k, v in vars(a).items() if k not in ("history", "directory")} | {"directory": str(a.directory),
+                                                                                   "ap_change": a.ap_change}
         for a in arms
     ]
     atomic_write_text(out / "results.json", json.dumps(results, indent=1))

@@ -51,7 +51,8 @@ class FitSummary(L.Callback):
         gradable answer) and val_acc_n, the number of graded prompts."""
         datamodule = trainer.datamodule
         loss = pl_module.evaluate_loss(datamodule.val_dataloader())
-        result: dict[str, float | int | None] = {"val_loss": loss, "val_ppl": math.exp(loss) if loss < 709 else math.inf}
+        result: dict[str, float | int | None] = {"val_loss": loss,
+                                                 "val_ppl": math.exp(loss) if loss < 709 else math.inf}
         n_gen = pl_module.hparams.num_generate if self.num_generate is None else self.num_generate
         if n_gen and hasattr(datamodule, "generation_examples"):
             correct, count, _ = pl_module.generation_accuracy(datamodule, n_gen)
@@ -100,6 +101,7 @@ def format_summary(s: dict) -> str:
     lines.append(f"  val loss        {b['val_loss']:.4f} -> {a['val_loss']:.4f}")
     if "val_acc" in a:
         lines.append(f"  val accuracy    {format_accuracy(b, a)}")
-    for key, label in (("log_dir", "run folder"), ("wandb_run", "W&B run"), ("checkpoint", "checkpoint"), ("export", "HF export")):
+    for key, label in (("log_dir", "run folder"), ("wandb_run", "W&B run"), ("checkpoint", "checkpoint"),
+                       ("export", "HF export")):
         lines.append(f"  {label:<15} {s.get(key) or '-'}")
     return "\n".join(lines)

@@ -54,8 +54,10 @@ class HeadActivationMonitor(L.Callback):
         if every_n_steps < 1:
             raise ConfigError(f"HeadActivationMonitor every_n_steps must be >= 1, got {every_n_steps}.")
         if probe_size < 1:
-            raise ConfigError(f"HeadActivationMonitor probe_size must be >= 1, got {probe_size}: the probe set would be empty.")
-        self.every_n_steps, self.probe, self.probe_size, self.probe_format = every_n_steps, probe, probe_size, probe_format
+            raise ConfigError(f"HeadActivationMonitor probe_size must be >= 1, got {probe_size}: the probe set would "
+                              "be empty.")
+        self.every_n_steps, self.probe, self.probe_size, self.probe_format = (every_n_steps, probe, probe_size,
+                                                                              probe_format)
         self.free, self.top_k, self.log_table, self.dirpath = free, top_k, log_table, dirpath
         self.history = PatternHistory()
         self._probe_batches: list[dict] = []
@@ -83,11 +85,13 @@ class HeadActivationMonitor(L.Callback):
         if datamodule is None:
             raise ConfigError("HeadActivationMonitor needs a DataModule (data: in the config) to build its probe set.")
         if self.probe in ("val", "train"):
-            examples = (datamodule.val_examples if self.probe == "val" else datamodule.train_examples)[: self.probe_size]
+            examples = (datamodule.val_examples if self.probe == "val"
+                        else datamodule.train_examples)[: self.probe_size]
         else:
             from lit_heads.data import load_source
 
-            examples = load_source(self.probe, size=self.probe_size, seed=datamodule.seed, format=self.probe_format)[: self.probe_size]
+            examples = load_source(self.probe, size=self.probe_size, seed=datamodule.seed,
+                                   format=self.probe_format)[: self.probe_size]
         if not examples:
             raise ConfigError(
                 f"HeadActivationMonitor probe '{self.probe}' has no samples. Give a non-empty validation set "
@@ -122,7 +126,8 @@ class HeadActivationMonitor(L.Callback):
         if trainer.is_global_zero:
             if free is not None:
                 self._log(trainer, {f"heads_free/{k}": v for k, v in stats.summary(free).items()}, step)
-            self.history.save(self.out_dir / "ap_history.safetensors", meta={"probe": self.probe, "probe_size": self.probe_size})
+            self.history.save(self.out_dir / "ap_history.safetensors",
+                              meta={"probe": self.probe, "probe_size": self.probe_size})
             image = heatmap(pattern, self.out_dir / f"ap_step{step:06d}.png", title=f"activation pattern, step {step}")
             self._log(trainer, {f"heads/{k}": v for k, v in metrics.items()}, step)
             self._log_image(trainer, "heads/heatmap", image)
@@ -176,7 +181,8 @@ class HeadActivationMonitor(L.Callback):
         rows = PatternHistory.long_rows(step, scores)
         for logger in trainer.loggers:
             if hasattr(logger, "log_table"):
-                logger.log_table(key="heads/ap_table", columns=["step", "layer", "head", "score", "rank"], data=rows, step=step)
+                logger.log_table(key="heads/ap_table", columns=["step", "layer", "head", "score", "rank"], data=rows,
+                                 step=step)
 
     def state_dict(self) -> dict:
         return self.history.state_dict()

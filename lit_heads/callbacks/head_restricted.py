@@ -11,7 +11,8 @@ What happens, and when (Lightning 2.6 order of a fit):
 
 1. ``setup`` (after the DataModule's setup, before the checkpoint is restored and before
    ``configure_optimizers``; for validate/test too, so their ``ckpt_path`` loads): the heads are
-   selected — by default ranked by the activation pattern (AP) of the base model on the first ``n_score_samples`` training examples, each DDP rank scoring
+   selected — by default ranked by the activation pattern (AP) of the base model on the first
+   ``n_score_samples`` training examples, each DDP rank scoring
    its share and ``compute_ap`` all-reducing them — and ``HeadRestriction.apply()`` freezes the
    model and attaches zero-initialised per-head deltas (``lit_heads.heads.restrict``). The module's
    ``configure_optimizers`` hands the optimizer only parameters with ``requires_grad``, i.e. the
@@ -47,9 +48,9 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from lit_heads.atomic import atomic_write_text
 from lit_heads.errors import ConfigError
 from lit_heads.heads.layout import find_heads
-from lit_heads.atomic import atomic_write_text
 from lit_heads.heads.pattern import Pattern, heatmap
 from lit_heads.heads.restrict import CHECKPOINT_STATE_KEY, KV_POLICIES, HeadRestriction
 from lit_heads.heads.selection import check_selection_options, heads_to_mask, load_head_list, select_heads
@@ -112,7 +113,8 @@ class HeadRestrictedFinetuning(L.Callback):
                 f"{strategy!r}, which does not use scores. Drop `scores` or use strategy top/bottom."
             )
         if scores is not None and not Path(scores).is_file():
-            raise ConfigError(f"HeadRestrictedFinetuning: scores file {scores} does not exist. Give a pattern written by `lit_heads ap` (.safetensors) or an L x H .npy.")
+            raise ConfigError(f"HeadRestrictedFinetuning: scores file {scores} does not exist. Give a pattern written "
+                              "by `lit_heads ap` (.safetensors) or an L x H .npy.")
         if n_score_samples < 1:
             raise ConfigError(f"HeadRestrictedFinetuning: n_score_samples must be >= 1, got {n_score_samples}.")
         self.strategy, self.top_k, self.fraction = strategy, top_k, fraction
@@ -226,7 +228,8 @@ class HeadRestrictedFinetuning(L.Callback):
         mask = heads_to_mask(self.selected, n_layers, n_heads).float()
         image = heatmap(mask, out_dir / "selection_mask.png",
                         title=f"trained heads: {self.strategy}, {len(self.selected)} of {n_layers * n_heads}")
-        rows = [[l, h, float(self.ranking_scores[l, h]) if self.ranking_scores is not None else None] for l, h in self.selected]
+        rows = [[l, h, float(self.ranking_scores[l, h]) if self.ranking_scores is not None else None]
+                for l, h in self.selected]
         for logger in trainer.loggers if to_loggers else ():
             logger.log_metrics({"heads/trainable_params": float(self.summary["trainable"]),
                                 "heads/n_selected": float(len(self.selected))}, step=0)
@@ -266,7 +269,8 @@ class HeadRestrictedFinetuning(L.Callback):
         # Lightning loads this after setup() applied the restriction and after the model weights
         # (whose delta indices HeadDelta already checked); compare the rest of the setup too.
         saved = [tuple(h) for h in state_dict.get("heads", [])]
-        mismatch = {k: (state_dict.get(k), v) for k, v in (("kv", self.kv), ("train_norms", self.train_norms), ("train_mlp", self.train_mlp)) if state_dict.get(k) != v}
+        mismatch = {k: (state_dict.get(k), v) for k, v in (("kv", self.kv), ("train_norms", self.train_norms),
+                                                           ("train_mlp", self.train_mlp)) if state_dict.get(k) != v}
         if self.selected and (saved != self.selected or mismatch):
             raise ConfigError(
                 f"The checkpoint was trained on heads {saved} ({_fmt_opts(state_dict)}), but this fit selected "
@@ -287,14 +291,16 @@ def _checked(check, *args, **kwargs):
 
 def format_selection(s: dict) -> str:
     kinds = ", ".join(f"{k} {n:,}" for k, n in s["by_kind"].items() if n)
-    size = f"top_k={s['top_k']}" if s["top_k"] is not None else (f"fraction={s['fraction']}" if s["fraction"] is not None else "listed")
+    size = (f"top_k={s['top_k']}" if s["top_k"] is not None
+            else (f"fraction={s['fraction']}" if s["fraction"] is not None else "listed"))
     return (
         f"lit_heads: head-restricted SFT: {s['n_selected']} of {s['n_layers'] * s['n_heads']} heads "
         f"(strategy {s['strategy']}, {size}), kv={s['kv']} ({s['kv_groups']} KV groups)\n"
-        f"lit_heads: trained scalars {s['trainable']:,} = {100 * s['trainable_fraction']:.3f}% of {s['total']:,} ({kinds}); "
-        f"heads: {' '.join(f'{l}.{h}' for l, h in s['heads'])}"
+        f"lit_heads: trained scalars {s['trainable']:,} = {100 * s['trainable_fraction']:.3f}% of {s['total']:,} "
+        f"({kinds}); heads: {' '.join(f'{l}.{h}' for l, h in s['heads'])}"
     )
 
 
 def _fmt_opts(o: dict) -> str:
-    return ", ".join(f"{k}={o.get(k)!r}" for k in ("strategy", "top_k", "fraction", "seed", "kv", "train_norms", "train_mlp"))
+    return ", ".join(f"{k}={o.get(k)!r}" for k in ("strategy", "top_k", "fraction", "seed", "kv", "train_norms",
+                                                   "train_mlp"))

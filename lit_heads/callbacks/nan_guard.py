@@ -67,7 +67,8 @@ class NanGuard(L.Callback):
         value = loss.detach().float()
         finite = bool(torch.isfinite(value).all())
         if not _all_ranks(trainer, finite):
-            what = f"the training loss is {_fmt(value)}" if not finite else "the training loss is not finite on another rank"
+            what = (f"the training loss is {_fmt(value)}" if not finite
+                    else "the training loss is not finite on another rank")
             self._handle(trainer, what)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
@@ -91,12 +92,15 @@ class NanGuard(L.Callback):
         if self.skip and len(self.skipped_steps) < self.max_skips:
             self.skipped_steps.append(step)
             self._bad = what
-            rank_zero_warn(f"lit_heads: {what} at {where}; skipping this batch (NanGuard skip: true, {len(self.skipped_steps)} of at most {self.max_skips}).")
+            rank_zero_warn(f"lit_heads: {what} at {where}; skipping this batch (NanGuard skip: true, "
+                           f"{len(self.skipped_steps)} of at most {self.max_skips}).")
             return
         checkpoint = trainer.checkpoint_callback
         last = (checkpoint.last_model_path or checkpoint.best_model_path) if checkpoint is not None else ""
-        saved = f" The last good checkpoint is {last}; resume from it with --ckpt_path {last}." if last else " No checkpoint was written before it."
-        skipped = f" {len(self.skipped_steps)} earlier steps were already skipped ({self.skipped_steps[:10]})." if self.skipped_steps else ""
+        saved = (f" The last good checkpoint is {last}; resume from it with --ckpt_path {last}." if last
+                 else " No checkpoint was written before it.")
+        skipped = (f" {len(self.skipped_steps)} earlier steps were already skipped ({self.skipped_steps[:10]})."
+                   if self.skipped_steps else "")
         raise NonFiniteLossError(
             f"Training stopped: {what} at {where}. No weight was changed by this step and no checkpoint of it "
             f"was written.{saved}{skipped} Lower the learning rate, set gradient_clip_val, check that batch's "

@@ -63,7 +63,8 @@ def ap(
     writable_dir(output, create=False)
     check_model(model, heads=True)
     examples = load_source(data, size=n_samples, seed=seed, format=format)[:n_samples]
-    run_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    run_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
+                              else ("cpu" if device == "auto" else device))
 
     started = time.perf_counter()
     # bf16-true reads the weights in bfloat16 directly (weights_dtype also refuses a GPU without it).
@@ -73,7 +74,8 @@ def ap(
     autocast = PRECISIONS[precision] if precision.endswith("mixed") else None
     context = torch.autocast(run_device.type, dtype=autocast) if autocast else contextlib.nullcontext()
     with context:
-        pattern = compute_ap(net, loader, device=run_device, meta={"model": model, "data": data, "step": None, "precision": precision})
+        pattern = compute_ap(net, loader, device=run_device,
+                             meta={"model": model, "data": data, "step": None, "precision": precision})
     seconds = time.perf_counter() - started
 
     out = writable_dir(output)
@@ -87,7 +89,8 @@ def ap(
         "statistics": stats.summary(pattern.scores),
         "top_heads": [list(h) for h in top],
         "seconds": round(seconds, 2),
-        "files": {name: str(out / name) for name in ("pattern.safetensors", "pattern.npy", "heatmap.png", "summary.json")},
+        "files": {name: str(out / name) for name in ("pattern.safetensors", "pattern.npy", "heatmap.png",
+                                                     "summary.json")},
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     s = summary["statistics"]

@@ -176,7 +176,8 @@ class ArmStats(L.Callback):
             "trainable": sum(p.numel() for p in trained),
             # Head deltas or LoRA adapters sit beside the base weights; the model's size is the base.
             "total": model_size(pl_module.model),
-            "optimizer_state": sum(t.numel() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0),
+            "optimizer_state": sum(t.numel() for s in optimizer.state.values() for t in s.values()
+                                   if torch.is_tensor(t) and t.dim() > 0),
         }
         if lora is not None:
             self.sizes["lora"] = {k: lora.summary[k] for k in ("r", "alpha", "dropout", "modules", "n_modules")}
@@ -215,14 +216,16 @@ def compare(
     from lit_heads.analysis.report import format_accuracy, load_arm, markdown_table, write_report
 
     if not config:
-        raise ConfigError("lit_heads compare needs --config: the fit config every arm is trained with (e.g. configs/compare.yaml).")
+        raise ConfigError("lit_heads compare needs --config: the fit config every arm is trained with (e.g. "
+                          "configs/compare.yaml).")
     parsed = [parse_arm(a) for a in arms]
     if not parsed:
         raise ConfigError("lit_heads compare needs --arms, e.g. --arms full top:0.1 random:0.1 bottom:0.1.")
     slugs = [a.slug for a in parsed]
     if len(set(slugs)) != len(slugs):
         raise ConfigError(f"The arms {arms} repeat one another; give each arm once.")
-    owned = [a for a in fit_args or [] if a.startswith(("--trainer.callbacks", "--trainer.logger", "--trainer.default_root_dir"))]
+    owned = [a for a in fit_args or [] if a.startswith(("--trainer.callbacks", "--trainer.logger",
+                                                        "--trainer.default_root_dir"))]
     if owned:
         raise ConfigError(
             f"lit_heads compare sets each arm's callbacks, logger and run folder itself, so {owned[0]} would be "
@@ -259,13 +262,14 @@ def compare(
         seconds = _run_fit(command, arm_dir)
         result = load_arm(arm_dir, arm.spec, wall_s=seconds)
         acc = "" if result.val_acc_n is None else f", val acc {format_accuracy(result)}"
-        print(f"      done in {seconds:.0f} s: {result.trainable:,} trainable, val loss {result.val_loss_before:.4f} -> "
-              f"{result.val_loss:.4f}{acc}, step {result.step_time_s:.3f} s", flush=True)
+        print(f"      done in {seconds:.0f} s: {result.trainable:,} trainable, val loss {result.val_loss_before:.4f} "
+              f"-> {result.val_loss:.4f}{acc}, step {result.step_time_s:.3f} s", flush=True)
         results.append(result)
 
-    shown = " ".join(shlex.quote(a) for a in ["lit_heads", "compare", *sum((["--config", c] for c in config), []), "--arms", *arms,
-                                               "--output", output, *(fit_args or [])])
-    report = write_report(results, out, command=shown, notes=[f"W&B group: `{group}` (one run per arm, named by the arm)."])
+    shown = " ".join(shlex.quote(a) for a in ["lit_heads", "compare", *sum((["--config", c] for c in config), []),
+                                              "--arms", *arms, "--output", output, *(fit_args or [])])
+    report = write_report(results, out, command=shown,
+                          notes=[f"W&B group: `{group}` (one run per arm, named by the arm)."])
     print("\n" + markdown_table(results) + f"\n\nreport: {report}", flush=True)
     return report
 
@@ -276,7 +280,8 @@ def _read_configs(paths: list[str]) -> dict:
     merged: dict = {"callbacks": [], "logger": None}
     for path in paths:
         if not Path(path).is_file():
-            raise ConfigError(f"Config file {path} does not exist. Give the fit config the arms share, e.g. configs/compare.yaml.")
+            raise ConfigError(f"Config file {path} does not exist. Give the fit config the arms share, e.g. "
+                              "configs/compare.yaml.")
         trainer = (yaml.safe_load(Path(path).read_text()) or {}).get("trainer") or {}
         for key in ("callbacks", "logger"):
             if key in trainer:
@@ -289,7 +294,8 @@ def _arm_config(base: dict, arm: Arm, arm_dir: Path, group: str, options: dict, 
     the arm's head restriction or LoRA, the measurement callback, and a logger grouped by the comparison."""
     callbacks = []
     for entry in base["callbacks"] or []:
-        spec = {"class_path": entry} if isinstance(entry, str) else {**entry, "init_args": dict(entry.get("init_args") or {})}
+        spec = {"class_path": entry} if isinstance(entry, str) else {**entry,
+                                                                     "init_args": dict(entry.get("init_args") or {})}
         short = spec["class_path"].rsplit(".", 1)[-1]
         if short in ("HeadRestrictedFinetuning", "LoRAFinetuning"):
             continue  # the arm decides what trains
@@ -373,19 +379,22 @@ def _run_fit(command: list[str], arm_dir: Path) -> float:
     with open(arm_dir / "fit.log", "w") as log:
         log.write("$ " + shlex.join(command) + "\n")
         log.flush()
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
         while process.poll() is None:
             time.sleep(2)
             last = _last_train_loss(metrics)
             if last and last != shown:
                 # Lightning logs training metrics at global_step - 1: +1 shows the steps done.
-                print(f"      step {last[0] + 1:>5}  train/loss {last[1]:.4f}  ({time.perf_counter() - started:.0f} s)", flush=True)
+                print(f"      step {last[0] + 1:>5}  train/loss {last[1]:.4f}  ({time.perf_counter() - started:.0f} s)",
+                      flush=True)
                 shown = last
     if process.returncode != 0:
         tail = "".join((arm_dir / "fit.log").read_text().splitlines(keepends=True)[-25:])
         raise LitHeadsError(
-            f"The fit of arm {arm_dir.name} failed with exit status {process.returncode}; its last output lines are below and "
-            f"the whole log is {arm_dir / 'fit.log'}. Fix the cause and rerun; finished arms are re-run too.\n{tail}"
+            f"The fit of arm {arm_dir.name} failed with exit status {process.returncode}; its last output lines are "
+            f"below and the whole log is {arm_dir / 'fit.log'}. Fix the cause and rerun; finished arms are re-run "
+            f"too.\n{tail}"
         )
     return time.perf_counter() - started
 
@@ -409,14 +418,18 @@ def main(argv: list[str]) -> None:
         prog="lit_heads compare", allow_abbrev=False,  # no prefix matching: unknown flags go to `lit_heads fit`
         description=__doc__.split("\n\n")[0] + " Flags not listed here are passed on to every arm's `lit_heads fit`.",
     )
-    parser.add_argument("--config", action="append", required=True, help="fit config shared by every arm; repeat to stack configs")
+    parser.add_argument("--config", action="append", required=True,
+                        help="fit config shared by every arm; repeat to stack configs")
     parser.add_argument("--arms", nargs="+", default=["full", "top:0.1", "random:0.1", "bottom:0.1"],
                         help="arms: full, <top|bottom|random>:<fraction|N%%|count>, list:<file>, "
                              "lora:<r>[:<module>,...] (default: %(default)s)")
-    parser.add_argument("--output", default="out/compare", help="report folder; arm runs go to <output>/<arm> (default: %(default)s)")
+    parser.add_argument("--output", default="out/compare",
+                        help="report folder; arm runs go to <output>/<arm> (default: %(default)s)")
     parser.add_argument("--name", default=None, help="W&B group of the arms' runs (default: compare-<date-time>)")
-    parser.add_argument("--kv", default="group", choices=["group", "none"], help="GQA key/value policy of restricted arms")
-    parser.add_argument("--n_score_samples", type=int, default=32, help="training examples that rank heads by AP (top/bottom arms)")
+    parser.add_argument("--kv", default="group", choices=["group", "none"],
+                        help="GQA key/value policy of restricted arms")
+    parser.add_argument("--n_score_samples", type=int, default=32,
+                        help="training examples that rank heads by AP (top/bottom arms)")
     parser.add_argument("--seed", type=int, default=0, help="seed of random arms")
     parser.add_argument("--lora_targets", default=None,
                         help="linear layers LoRA arms adapt, comma-separated (q_proj,v_proj) or all-linear; an "

@@ -1,8 +1,8 @@
 """`lit_heads compose`: fit a (complex task's) pattern as a weighted sum of other (basic tasks') patterns.
 
     # patterns that already are changes (ΔAP = after SFT − before), e.g. the study's *_delta files:
-    lit_heads compose --target runs/study/patterns/math_code_delta.safetensors \
-        --bases arithmetic=runs/study/patterns/arithmetic_delta.safetensors,code=runs/study/patterns/code_delta.safetensors
+    cd runs/study/patterns && lit_heads compose --target math_code_delta.safetensors \
+        --bases arithmetic=arithmetic_delta.safetensors,code=code_delta.safetensors
 
     # before/after pairs: the command takes the differences itself
     lit_heads compose --target mc_after.safetensors --target_before mc_before.safetensors \
@@ -39,7 +39,8 @@ def parse_named(spec: str | list[str] | None, option: str) -> dict[str, str]:
                 continue
             name, sep, value = part.partition("=")
             if not sep or not name.strip() or not value.strip():
-                raise ConfigError(f"--{option}: {part!r} is not name=value; write e.g. --{option} math=math.safetensors,code=code.safetensors.")
+                raise ConfigError(f"--{option}: {part!r} is not name=value; write e.g. --{option} "
+                                  "math=math.safetensors,code=code.safetensors.")
             if name.strip() in named:
                 raise ConfigError(f"--{option} names {name.strip()!r} twice; give each name once.")
             named[name.strip()] = value.strip()
@@ -57,7 +58,8 @@ def _check_versions(patterns: dict) -> None:
     # Patterns scored under different AP definitions must never be mixed silently.
     versions = {name: p.meta.get("formula_version") for name, p in patterns.items() if p.meta.get("formula_version")}
     if len(set(versions.values())) > 1:
-        raise ConfigError(f"The patterns were computed with different AP formula versions {versions}; recompute them with one lit_heads version.")
+        raise ConfigError(f"The patterns were computed with different AP formula versions {versions}; recompute them "
+                          "with one lit_heads version.")
 
 
 def compose(
@@ -91,14 +93,17 @@ def compose(
         raise ConfigError("--bases is empty; give at least one basic-task pattern as name=path.")
     before_paths = parse_named(bases_before, "bases_before")
     if before_paths and set(before_paths) != set(base_paths):
-        raise ConfigError(f"--bases_before names {sorted(before_paths)} but --bases names {sorted(base_paths)}; give a before pattern for each base.")
+        raise ConfigError(f"--bases_before names {sorted(before_paths)} but --bases names {sorted(base_paths)}; give a "
+                          "before pattern for each base.")
     if bool(before_paths) != (target_before is not None):
-        raise ConfigError("Give --target_before and --bases_before together (before/after pairs for every pattern), or neither (patterns are already changes).")
+        raise ConfigError("Give --target_before and --bases_before together (before/after pairs for every pattern), or "
+                          "neither (patterns are already changes).")
     out = writable_dir(output)
 
     loaded = {"target": load_pattern(target), **{f"base {n}": load_pattern(p) for n, p in base_paths.items()}}
     if target_before is not None:
-        loaded.update({"target before": load_pattern(target_before), **{f"base {n} before": load_pattern(p) for n, p in before_paths.items()}})
+        loaded.update({"target before": load_pattern(target_before),
+                       **{f"base {n} before": load_pattern(p) for n, p in before_paths.items()}})
     _check_versions(loaded)
 
     def value(name: str) -> np.ndarray:
@@ -116,7 +121,8 @@ def compose(
     for m in methods:
         fit = fit_composition(y, xs, method=m, intercept=intercept)
         np.save(out / f"residual_{m}.npy", fit.residual)
-        heatmap(fit.residual, out / f"residual_{m}.png", title=f"residual of the {m} fit (R² {fit.r2:.3f})", cmap="coolwarm")
+        heatmap(fit.residual, out / f"residual_{m}.png", title=f"residual of the {m} fit (R² {fit.r2:.3f})",
+                cmap="coolwarm")
         result["fits"][m] = {"alpha": fit.alpha, "r2": fit.r2, "intercept": fit.intercept}
         terms = " ".join(f"{'-' if a < 0 else '+'} {abs(a):.4f}·{n}" for n, a in fit.alpha.items()).lstrip("+ ")
         offset = f" {'-' if fit.intercept < 0 else '+'} {abs(fit.intercept):.4g}" if intercept else ""

@@ -26,16 +26,20 @@ def read_alpha(spec: str | list[str], method: str = "nnls") -> dict[str, float]:
     if isinstance(spec, str) and spec.lower().endswith(".json"):
         path = Path(spec)
         if not path.is_file():
-            raise ConfigError(f"--alpha file {path} does not exist; give compose.json from `lit_heads compose` or a {{task: weight}} JSON file.")
+            raise ConfigError(f"--alpha file {path} does not exist; give compose.json from `lit_heads compose` or a "
+                              f"{{task: weight}} JSON file.")
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg}).") from None
         if isinstance(data, dict) and "fits" in data:
             if method not in data["fits"]:
-                raise ConfigError(f"{path} holds fits {sorted(data['fits'])}, not {method!r}; pass --method with one of them.")
+                raise ConfigError(f"{path} holds fits {sorted(data['fits'])}, not {method!r}; pass --method with one "
+                                  "of them.")
             data = data["fits"][method]["alpha"]
-        if not isinstance(data, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in data.values()):
+        if not isinstance(data,
+                          dict) or not all(isinstance(v, (int, float)) and not isinstance(v,
+                                                                                          bool) for v in data.values()):
             raise DataError(f"{path} must hold {{task: weight}} numbers or a compose.json; got {type(data).__name__}.")
         return {str(k): float(v) for k, v in data.items()}
     alpha = {}
@@ -79,9 +83,11 @@ def mix(
     sources = parse_named(pools, "pools")
     missing = sorted(t for t, k in counts.items() if k > 0 and t not in sources)
     if missing:
-        raise ConfigError(f"The mix needs samples of {missing} but --pools gives only {sorted(sources)}; add e.g. {missing[0]}=generated:{missing[0]}.")
+        raise ConfigError(f"The mix needs samples of {missing} but --pools gives only {sorted(sources)}; add e.g. "
+                          f"{missing[0]}=generated:{missing[0]}.")
     # Only the pools the mix draws from are read; a generated pool holds exactly what the mix needs.
-    loaded = {t: load_source(sources[t], size=max(counts[t], 1), seed=seed, format=format) for t in counts if counts[t] > 0}
+    loaded = {t: load_source(sources[t], size=max(counts[t], 1), seed=seed,
+                             format=format) for t in counts if counts[t] > 0}
     records = build_mix(weights, loaded, n, seed=seed, rule=rule)
     path = write_jsonl(records, output)
     print(f"mix of {n} samples ({rule} rule): " + ", ".join(f"{t} {k}" for t, k in counts.items()) + f"\nwrote {path}")

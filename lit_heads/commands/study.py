@@ -33,7 +33,8 @@ def main(argv: list[str]) -> dict:
     from lit_heads.analysis.study import StudyConfig, run_study
 
     parser = ArgumentParser(prog="lit_heads study", description=DESCRIPTION)
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with StudyConfig fields (configs/study.yaml).")
+    parser.add_argument("--config", action=ActionConfigFile,
+                        help="YAML file with StudyConfig fields (configs/study.yaml).")
     parser.add_class_arguments(StudyConfig, as_group=False)
     parsed = parser.parse_args(argv)
     config = StudyConfig(**{f.name: parsed[f.name] for f in fields(StudyConfig)})

@@ -39,14 +39,16 @@ def end_of_turn_text(tokenizer) -> str:
     if after:
         return after
     if tokenizer.eos_token is None:
-        raise ConfigError("The tokenizer has neither an end-of-turn marker in its chat template nor an EOS token, so a response cannot be terminated.")
+        raise ConfigError("The tokenizer has neither an end-of-turn marker in its chat template nor an EOS token, so a "
+                          "response cannot be terminated.")
     return tokenizer.eos_token
 
 
 def pad_token_id(tokenizer) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
-        raise ConfigError("The tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token before training.")
+        raise ConfigError("The tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token before "
+                          "training.")
     return pad
 
 
@@ -78,7 +80,8 @@ class PromptEncoder:
             self._end_ids = self._ids(end_of_turn_text(tokenizer))
         else:
             if tokenizer.eos_token_id is None:
-                raise ConfigError("The tokenizer has no EOS token, so a response cannot be terminated; set tokenizer.eos_token.")
+                raise ConfigError("The tokenizer has no EOS token, so a response cannot be terminated; set "
+                                  "tokenizer.eos_token.")
             self._end_ids = [tokenizer.eos_token_id]
 
     def _ids(self, text: str, special: bool = False) -> list[int]:
@@ -86,7 +89,8 @@ class PromptEncoder:
 
     def prompt_text(self, example: Example) -> str:
         if self.use_chat_template:
-            return self.tokenizer.apply_chat_template(as_messages(example.prompt), add_generation_prompt=True, tokenize=False)
+            return self.tokenizer.apply_chat_template(as_messages(example.prompt), add_generation_prompt=True,
+                                                      tokenize=False)
         if isinstance(example.prompt, str):
             return example.prompt + "\n"
         return "".join(f"{m['role']}: {m['content']}\n" for m in example.prompt)
@@ -109,7 +113,8 @@ class PromptEncoder:
             name = example.source or f"sample {index}"
             raise DataError(
                 f"{name}: the prompt alone is {len(prompt)} tokens, so with max_length={self.max_length} no response "
-                f"token is left to train on. Raise max_length (e.g. to {len(prompt) + len(response)}) or shorten that prompt."
+                f"token is left to train on. Raise max_length (e.g. to {len(prompt) + len(response)}) or shorten that "
+                "prompt."
             )
         truncated = len(response) > room
         response = response[:room]

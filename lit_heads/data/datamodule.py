@@ -115,11 +115,13 @@ class SFTDataModule(L.LightningDataModule):
         if isinstance(tokenizer, str):
             self.tokenizer_name, self._tokenizer = tokenizer, None
         else:
-            self.tokenizer_name, self._tokenizer = getattr(tokenizer, "name_or_path", type(tokenizer).__name__), tokenizer
+            self.tokenizer_name, self._tokenizer = getattr(tokenizer, "name_or_path",
+                                                           type(tokenizer).__name__), tokenizer
         if not 0.0 <= val_split < 1.0:
             raise ConfigError(f"val_split must be in [0, 1), got {val_split}.")
         if train_size < 1 or val_size < 0 or batch_size < 1:
-            raise ConfigError(f"Need train_size >= 1, val_size >= 0 and batch_size >= 1; got {train_size}, {val_size}, {batch_size}.")
+            raise ConfigError(f"Need train_size >= 1, val_size >= 0 and batch_size >= 1; got {train_size}, {val_size}, "
+                              f"{batch_size}.")
         self.train_source, self.val_source, self.test_source = train, val, test
         self.val_split, self.train_size, self.val_size = val_split, train_size, val_size
         self.format = check_format_name(format)
@@ -171,7 +173,8 @@ class SFTDataModule(L.LightningDataModule):
             # One stream per task: the first examples are validation, the rest training, so the two
             # never share a prompt and the validation set does not change with train_size.
             train_groups, val_groups = [], []
-            for task, n_train, n_val in zip(tasks, _shares(self.train_size, len(tasks)), _shares(self.val_size, len(tasks))):
+            for task, n_train, n_val in zip(tasks, _shares(self.train_size, len(tasks)),
+                                            _shares(self.val_size, len(tasks))):
                 examples = generate_task(task, n_val + n_train, self.seed)
                 val_groups.append(examples[:n_val])
                 train_groups.append(examples[n_val:])
@@ -199,7 +202,8 @@ class SFTDataModule(L.LightningDataModule):
             self.test_examples = self._load(self.test_source, self.val_size, self.seed + 2, "test")
         self._train_data, self.train_truncated = self.encoder.encode_all(self.train_examples, "train")
         self._val_data, self.val_truncated = self.encoder.encode_all(self.val_examples, "validation")
-        self._test_data = self.encoder.encode_all(self.test_examples, "test")[0] if self.test_examples is not None else None
+        self._test_data = self.encoder.encode_all(self.test_examples,
+                                                  "test")[0] if self.test_examples is not None else None
         log.info("SFT data: %d train, %d validation examples (max_length=%d, chat template: %s)",
                  len(self._train_data), len(self._val_data), self.max_length, self.encoder.use_chat_template)
         self._built = True
@@ -235,7 +239,8 @@ class SFTDataModule(L.LightningDataModule):
         trainer = self.trainer
         if trainer is None or trainer.world_size < 2 or len(data) < trainer.world_size:
             return self._loader(data, shuffle=False)
-        sampler = UnrepeatedDistributedSampler(data, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False)
+        sampler = UnrepeatedDistributedSampler(data, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                                               shuffle=False)
         return self._loader(data, shuffle=False, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader | list:

@@ -262,7 +262,8 @@ def load_gsm8k_python(path: str | Path, limit: int | None = None) -> tuple[list[
         else:
             reasons["program does not print the answer"] += 1
     skipped = sum(reasons.values())
-    log.info("GSM8K -> Python: kept %d of %d rows from %s; skipped %s", len(examples), len(records), path, dict(reasons))
+    log.info("GSM8K -> Python: kept %d of %d rows from %s; skipped %s", len(examples), len(records), path,
+             dict(reasons))
     if not examples:
         raise DataError(
             f"{path}: none of its {len(records)} rows could be rewritten as a Python program "

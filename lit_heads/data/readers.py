@@ -57,12 +57,14 @@ def _read_json(path: Path) -> Iterator[tuple[Any, str]]:
     try:
         data = json.loads(_decode(path))
     except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno}). Fix the file.") from None
+        raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno}). Fix the "
+                        "file.") from None
     if isinstance(data, dict) and "data" in data:
         if not isinstance(data["data"], list):
             raise DataError(
                 f"{path}: the file's 'data' field must be a list of records, but it is "
-                f"{type(data['data']).__name__} ({short_repr(data['data'])}). Make 'data' a list: {{\"data\": [{{...}}, {{...}}]}}."
+                f"{type(data['data']).__name__} ({short_repr(data['data'])}). Make 'data' a list: {{\"data\": "
+                f"[{{...}}, {{...}}]}}."
             )
         data = data["data"]
     if not isinstance(data, list):
@@ -82,7 +84,8 @@ def _read_parquet(path: Path) -> Iterator[tuple[Any, str]]:
     try:
         rows = pq.read_table(path).to_pylist()
     except (pyarrow.ArrowException, OSError) as err:
-        raise DataError(f"{path}: cannot read it as Parquet ({err}). Check that the file is a complete Parquet file.") from None
+        raise DataError(f"{path}: cannot read it as Parquet ({err}). Check that the file is a complete Parquet "
+                        "file.") from None
     for i, record in enumerate(rows):
         yield record, f"{path}:row {i}"
 

@@ -125,9 +125,11 @@ def _messages(value: Any, where: str) -> Messages:
             f"{short_repr(value)}."
         )
     for i, message in enumerate(value):
-        if not (isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
+        if not (isinstance(message, dict) and isinstance(message.get("role"),
+                                                         str) and isinstance(message.get("content"), str)):
             raise DataError(
-                f"{where}: message {i} must be a dict with string 'role' and 'content', but it is {short_repr(message)}."
+                f"{where}: message {i} must be a dict with string 'role' and 'content', but it is "
+                f"{short_repr(message)}."
             )
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
@@ -160,13 +162,15 @@ def record_to_example(record: Any, fmt: str = "auto", where: str = "a record") -
     example = _record_to_example(record, fmt, where)
     if not example.response.strip():
         # An empty response has no token to learn from: the loss would be 0/0 for this example.
-        raise DataError(f"{where}: the response is empty, so there is nothing to train on. Fill it in or drop the record.")
+        raise DataError(f"{where}: the response is empty, so there is nothing to train on. Fill it in or drop the "
+                        "record.")
     return example
 
 
 def _record_to_example(record: Any, fmt: str, where: str) -> Example:
     if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object (a dict of fields), got {type(record).__name__} ({short_repr(record)}).")
+        raise DataError(f"{where}: expected a JSON object (a dict of fields), got {type(record).__name__} "
+                        f"({short_repr(record)}).")
     if fmt == "auto":
         fmt = detect_format(record, where)
     else:
@@ -204,7 +208,8 @@ def _final_gsm8k_line(response: str) -> str | None:
 
 def _prompt_and_response(record: dict, fmt: str, where: str) -> tuple[str | Messages, str]:
     if fmt in ("messages", "sharegpt"):
-        messages = _messages(record["messages"], where) if fmt == "messages" else _sharegpt(record["conversations"], where)
+        messages = _messages(record["messages"], where) if fmt == "messages" else _sharegpt(record["conversations"],
+                                                                                            where)
         last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
         if last is None or last == 0:
             raise DataError(

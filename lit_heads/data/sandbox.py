@@ -52,7 +52,8 @@ def run_python(code: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> SandboxResult
     if "\0" in code:
         # A generation with a NUL byte cannot be passed as an argument; it is not a valid program anyway.
         return SandboxResult("", "program text contains a NUL byte", None, False)
-    with tempfile.TemporaryDirectory(prefix="lit_heads_sandbox_") as workdir, tempfile.TemporaryFile(dir=workdir) as out, tempfile.TemporaryFile(dir=workdir) as err:
+    with (tempfile.TemporaryDirectory(prefix="lit_heads_sandbox_") as workdir,
+          tempfile.TemporaryFile(dir=workdir) as out, tempfile.TemporaryFile(dir=workdir) as err):
         env = {"PATH": os.environ.get("PATH", ""), "PYTHONIOENCODING": "utf-8"}
         try:
             completed = subprocess.run(

@@ -85,7 +85,8 @@ _LONG_ADD = ["{name} buys {b} more {item}.", "{other} gives {name} {b} {item}.",
              "{name} collects another {b} {item}."]
 _LONG_SUB = ["{name} gives {b} {item} to {other}.", "{name} sells {b} of the {item}.", "{name} loses {b} {item}.",
              "{name} uses up {b} {item}."]
-_LONG_MUL = ["{name} ends up with {b} times as many {item} as before.", "The number of {item} {name} has grows {b}-fold."]
+_LONG_MUL = ["{name} ends up with {b} times as many {item} as before.",
+             "The number of {item} {name} has grows {b}-fold."]
 _LONG_DIV = ["{name} splits the {item} equally into {b} boxes and keeps only one box.",
              "{name} shares the {item} equally among {b} people, {name} included, and keeps one share."]
 _DISTRACTORS = ["{other} has {d} {other_item}.", "{name} is {d} years old.", "{other} buys {d} {item}.",
@@ -101,7 +102,8 @@ def _long_word_problem(rng: random.Random) -> tuple[str, list[tuple[int, str, in
     events, steps, used_mul = [], [], False
     for _ in range(rng.randint(4, 5)):
         divisors = [k for k in range(2, 7) if value % k == 0 and value // k >= 2]
-        ops = ["+"] + (["-"] if value > 3 else []) + ([] if used_mul or value > 150 else ["*"]) + (["/"] if divisors else [])
+        ops = (["+"] + (["-"] if value > 3 else []) + ([] if used_mul or value > 150 else ["*"])
+               + (["/"] if divisors else []))
         op = rng.choice(ops)
         if op == "+":
             b, template = rng.randint(11, 99), rng.choice(_LONG_ADD)
@@ -262,10 +264,15 @@ def _make_string(rng: random.Random) -> Example:
 TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in [
-        TaskSpec("arithmetic", "basic", (), "2-3 step word problem; worked lines then 'Answer: N'", _make_arithmetic, check_final_number),
-        TaskSpec("code", "basic", (), "one-line Python program using builtins; graded by its output", _make_code, check_program_output),
-        TaskSpec("string", "basic", (), "reverse / sort / count letters of a made-up word; 'Answer: X'", _make_string, check_answer_line),
-        TaskSpec("math_code", "complex", ("arithmetic", "code"), "word problem answered by a Python program that prints the result", _make_math_code, check_program_output),
+        TaskSpec("arithmetic", "basic", (), "2-3 step word problem; worked lines then 'Answer: N'", _make_arithmetic,
+                 check_final_number),
+        TaskSpec("code", "basic", (), "one-line Python program using builtins; graded by its output", _make_code,
+                 check_program_output),
+        TaskSpec("string", "basic", (), "reverse / sort / count letters of a made-up word; 'Answer: X'", _make_string,
+                 check_answer_line),
+        TaskSpec("math_code", "complex", ("arithmetic", "code"),
+                 "word problem answered by a Python program that prints the result", _make_math_code,
+                 check_program_output),
         TaskSpec("multistep", "basic", (), "4-5 step word problem with distractors; worked lines then 'Answer: N'",
                  _make_multistep, check_final_number),
         TaskSpec("multistep_code", "complex", ("multistep", "code"),
@@ -299,7 +306,8 @@ def generate_task(name: str, n: int, seed: int = 0) -> list[Example]:
     while len(examples) < n:
         attempts += 1
         if attempts > 50 * n + 100:
-            raise DataError(f"Task '{name}' produced only {len(examples)} distinct examples of the {n} asked; ask for fewer.")
+            raise DataError(f"Task '{name}' produced only {len(examples)} distinct examples of the {n} asked; ask for "
+                            "fewer.")
         example = spec.make(rng)
         if example.prompt in seen:
             continue

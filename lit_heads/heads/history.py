@@ -66,7 +66,8 @@ class PatternHistory:
         self.scores = [torch.as_tensor(s).float() for s in state["scores"]]
 
     def save(self, path: str | Path, meta: dict | None = None) -> Path:
-        tensors = {"steps": torch.tensor(self.steps, dtype=torch.int64), "scores": torch.stack(self.scores).contiguous()}
+        tensors = {"steps": torch.tensor(self.steps, dtype=torch.int64),
+                   "scores": torch.stack(self.scores).contiguous()}
         info = {"formula_version": FORMULA_VERSION, **(meta or {})}
         data = save(tensors, metadata={_META_KEY: json.dumps(info)})
         path = Path(path)

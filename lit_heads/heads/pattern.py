@@ -97,8 +97,7 @@ class Pattern:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Pattern":
-        from safetensors import SafetensorError
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         path = Path(path)
         if not path.is_file():

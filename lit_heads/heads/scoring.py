@@ -34,8 +34,15 @@ from torch import nn
 
 from lit_heads.errors import ConfigError, DataError
 from lit_heads.heads.layout import HeadLayout, eval_mode, find_heads, unwrap_model
-from lit_heads.heads.lm_loss import DEFAULT_CHUNK_SIZE, IGNORE_INDEX, labelled, logits_token_losses, sample_means
-from lit_heads.heads.lm_loss import decoder_of, token_losses
+from lit_heads.heads.lm_loss import (
+    DEFAULT_CHUNK_SIZE,
+    IGNORE_INDEX,
+    decoder_of,
+    labelled,
+    logits_token_losses,
+    sample_means,
+    token_losses,
+)
 from lit_heads.heads.pattern import FORMULA_VERSION, Pattern
 
 __all__ = ["HeadGateCapture", "compute_ap", "per_sample_loss", "per_sample_scale"]
@@ -151,7 +158,8 @@ class HeadGateCapture:
         per_layer = {l: torch.cat([s for _, s in sorted(r, key=lambda t: t[0])]) for l, r in records.items()}
         ref = next(iter(per_layer.values()))
         B = ref.shape[0]
-        out = torch.full((B, self.layout.n_layers, self.layout.n_heads), math.nan, dtype=torch.float32, device=ref.device)
+        out = torch.full((B, self.layout.n_layers, self.layout.n_heads), math.nan, dtype=torch.float32,
+                         device=ref.device)
         for l, s in per_layer.items():
             if s.shape[0] != B:
                 raise RuntimeError(
@@ -430,8 +438,10 @@ def compute_ap(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], 
 
     if dist is not None:
         # NCCL only reduces CUDA tensors; gloo reduces CPU ones.
-        red_dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-        buf = torch.cat([total.flatten().to(red_dev), torch.tensor([float(count)], dtype=torch.float64, device=red_dev)])
+        red_dev = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
+                   else torch.device("cpu"))
+        buf = torch.cat([total.flatten().to(red_dev),
+                         torch.tensor([float(count)], dtype=torch.float64, device=red_dev)])
         dist.all_reduce(buf, op=dist.ReduceOp.SUM)
         total = buf[:-1].view_as(total)
         count = int(round(buf[-1].item()))

@@ -42,7 +42,13 @@ from lit_heads.analysis.study.causal import RANKINGS, causal_check, rankings
 from lit_heads.analysis.study.config import PROBES, StudyConfig, resolve_device
 from lit_heads.analysis.study.findings import finding1, finding3_restricted
 from lit_heads.analysis.study.measures import (
-    change_over_steps, composition, cross_half_r2, paired, similarity, specificity, summary,
+    change_over_steps,
+    composition,
+    cross_half_r2,
+    paired,
+    similarity,
+    specificity,
+    summary,
 )
 from lit_heads.analysis.study.paper import PAPER
 from lit_heads.analysis.study.report import write_report, write_side_by_side
@@ -53,7 +59,8 @@ from lit_heads.analysis.study.tracker import PatternTracker
 
 __all__ = [
     "ARMS", "ARM_LABELS", "MIX_ARMS", "PAPER", "PROBES", "RANKINGS", "Clock", "PatternTracker", "StudyConfig",
-    "StudyRunner", "Task", "application", "causal_check", "rankings", "change_over_steps", "composition", "cross_half_r2", "finding1", "finding3_restricted",
+    "StudyRunner", "Task", "application", "causal_check", "rankings", "change_over_steps", "composition",
+    "cross_half_r2", "finding1", "finding3_restricted",
     "generated_tasks", "mix_weights", "paired", "plan_budget", "probe", "real_tasks", "resolve_device", "run_study",
     "similarity", "specificity", "summary", "trainer_device", "write_report", "write_side_by_side",
 ]

@@ -48,7 +48,8 @@ def plan_budget(cfg: StudyConfig, real: bool, scale: float = 1.0) -> dict:
     length = 2.5 * cfg.real_max_length / 320
     work = {
         "base": {"gen": cfg.eval_samples},
-        "finding1": {"steps": n_tasks * cfg.sft_steps, "ap": (before + after) * cfg.ap_samples + n_track * cfg.track_samples,
+        "finding1": {"steps": n_tasks * cfg.sft_steps,
+                     "ap": (before + after) * cfg.ap_samples + n_track * cfg.track_samples,
                      "gen": cfg.eval_samples},
         "finding2": {},
         # One loss per evaluation over the causal samples, plus the forward pass of the mean ablation's means.
@@ -71,7 +72,8 @@ def plan_budget(cfg: StudyConfig, real: bool, scale: float = 1.0) -> dict:
     generated = tuple(k for k in work if k != "real")
     return {"sft_steps": total("steps", generated), "real_sft_steps": cfg.real_sft_steps * 3 if real else 0,
             "ap_samples": total("ap", generated), "real_ap_samples": 6 * cfg.real_ap_samples if real else 0,
-            "generated_answers": total("gen"), "loss_samples": total("loss"), "scale": scale, "stages": stages, "eta_s": sum(stages.values())}
+            "generated_answers": total("gen"), "loss_samples": total("loss"), "scale": scale, "stages": stages,
+            "eta_s": sum(stages.values())}
 
 
 def describe_plan(cfg: StudyConfig, budget: dict, model: str) -> str:

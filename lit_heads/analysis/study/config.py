@@ -168,21 +168,25 @@ class StudyConfig:
         if not self.seeds:
             raise ConfigError("seeds is empty; the application needs at least one seed (three for a spread).")
         if len(set(self.seeds)) != len(self.seeds):
-            raise ConfigError(f"seeds {self.seeds} repeats a seed; a repeated seed is the same run twice, not a new sample.")
+            raise ConfigError(f"seeds {self.seeds} repeats a seed; a repeated seed is the same run twice, not a new "
+                              "sample.")
         if self.ci is not None:
             if not 0 < self.ci < 1:
-                raise ConfigError(f"ci={self.ci}; give a confidence level between 0 and 1 (0.95), or null for no interval.")
+                raise ConfigError(f"ci={self.ci}; give a confidence level between 0 and 1 (0.95), or null for no "
+                                  "interval.")
             if len(self.seeds) < 2:
                 raise ConfigError(
                     f"ci={self.ci} asks for a confidence interval over seeds, but seeds={self.seeds} has "
-                    f"{len(self.seeds)}; a t-interval needs at least 2 seeds (5 or more for a useful one), or set ci: null."
+                    f"{len(self.seeds)}; a t-interval needs at least 2 seeds (5 or more for a useful one), or set ci: "
+                    "null."
                 )
         unknown = [p for p in self.probes if p not in PROBES]
         if unknown or not self.probes or len(set(self.probes)) != len(self.probes):
             raise ConfigError(
                 f"probes={self.probes}: " + (f"unknown probe mode(s) {unknown}; " if unknown else "")
                 + f"give one or more distinct modes of {list(PROBES)} ('own': each model on its own task's held-out "
-                "samples, 'complex': on the complex task's, 'mix': on a fixed mix of all tasks'); the first is the main one."
+                "samples, 'complex': on the complex task's, 'mix': on a fixed mix of all tasks'); the first is the "
+                "main one."
             )
         if "mix" in self.probes:
             mix_probe_share(self.ap_samples, len(self.basic_tasks) + 1)
@@ -196,7 +200,8 @@ class StudyConfig:
         sizes = self.train_sizes()
         too_small = {t: n for t, n in sizes.items() if n < 1}
         if too_small:
-            raise ConfigError(f"basic_train_sizes {too_small}: every basic task needs a training pool of at least 1 sample.")
+            raise ConfigError(f"basic_train_sizes {too_small}: every basic task needs a training pool of at least 1 "
+                              "sample.")
         counts = dict(ap_samples=self.ap_samples, track_samples=self.track_samples,
                       real_ap_samples=self.real_ap_samples)
         small = {k: v for k, v in counts.items() if v < 2}

@@ -59,7 +59,8 @@ def cross_half_r2(target: dict[str, torch.Tensor], bases: dict[str, dict[str, to
     share no probe sample, and both sides rest on half the samples, as in the noise ceiling."""
     from lit_heads.analysis.compose import fit_composition
 
-    return 0.5 * sum(fit_composition(target[x], {n: b[y] for n, b in bases.items()}).r2 for x, y in (("a", "b"), ("b", "a")))
+    return 0.5 * sum(fit_composition(target[x], {n: b[y] for n, b in bases.items()}).r2 for x, y in (("a", "b"),
+                                                                                                     ("b", "a")))
 
 
 def composition(target: dict[str, torch.Tensor], deltas: dict[str, dict[str, torch.Tensor]], components: list[str],

@@ -17,7 +17,6 @@ from lit_heads.atomic import atomic_write_text
 from lit_heads.heads.pattern import heatmap
 
 
-
 def _f(value: Any, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
@@ -78,8 +77,8 @@ PAPER_PROBE = (
     "application regresses *the complex task's* pattern change on *the basic tasks'* changes. A basic task's "
     "pattern measured on the complex task's samples (b) or on a mix of everything (c) is not that task's pattern "
     "in this sense. The authors' release does not settle it: it scores saved checkpoints on GSM8K only, which is "
-    "(a) for a model trained on math and (b) when math is the target task. (b) and (c) are our controls: they hold the probe fixed, so what remains of the "
-    "composition is in the weights SFT changed, not in which samples were scored."
+    "(a) for a model trained on math and (b) when math is the target task. (b) and (c) are our controls: they hold the "
+    "probe fixed, so what remains of the composition is in the weights SFT changed, not in which samples were scored."
 )
 
 
@@ -221,13 +220,14 @@ def _application_md(app: dict, cfg: dict, model: str, fig_app: str) -> list[str]
              f"{_f(app['alpha_fit']['r2'])}): {_alpha(app['alpha'])}. Rule for negative/zero α: `{app['rule']}` "
              "(clip: a negative weight becomes 0 and the rest are renormalised, so that task gets no samples; "
              "all α ≤ 0 is an error).", "",
-             f"Each mix has N = {app['n_mix']} basic-task samples, task i getting N·w_i/Σw, drawn from training pools of "
-             f"{app['pool_sizes']} samples: AP-guided w = α; size-weighted w = pool size; random w drawn uniformly "
+             f"Each mix has N = {app['n_mix']} basic-task samples, task i getting N·w_i/Σw, drawn from training pools "
+             f"of {app['pool_sizes']} samples: AP-guided w = α; size-weighted w = pool size; random w drawn uniformly "
              "from the simplex per seed. Counts per seed:", ""]
     lines += _table(["mix", *[f"seed {s}" for s in app["seeds"]]],
                     [[ARM_LABELS[arm], *[", ".join(f"{t} {n}" for t, n in c.items()) for c in counts]]
                      for arm, counts in app["mix_counts"].items()])
-    lines += ["", f"**Budget, matched:** every trained arm takes {app['steps']['complex_only']} optimizer steps at batch "
+    lines += ["",
+              f"**Budget, matched:** every trained arm takes {app['steps']['complex_only']} optimizer steps at batch "
               f"{cfg['batch_size']}. Complex-only SFT spends all {app['steps']['complex_only']} on the "
               f"{app['complex_train_size']} scarce complex samples; each mix arm spends {app['steps']['mix']} on its "
               f"mix (one pass) and then {app['steps']['complex']} on the same {app['complex_train_size']} complex "
@@ -276,13 +276,13 @@ def _causal_verdict(ablation: dict, name: str) -> str:
 def _causal_md(ablation: dict, figures: Path) -> list[str]:
     from lit_heads.analysis.ablation import markdown_table, plot
 
-    lines = [f"On the complex task's fully fine-tuned model (Finding 1's SFT), {ablation['mask']} ablation at the input "
-             "of the attention output projection (`lit_heads ablate`'s logic), of the top-k and bottom-k heads of "
-             f"each ranking and of k random heads (seeds {ablation['seeds']}, the same heads for both rankings). Loss = "
-             f"token-weighted response cross-entropy on {ablation['n_samples']} held-out `{ablation['task']}` samples "
-             f"({ablation['n_tokens']} response tokens) that neither ranked the heads nor were graded; unmasked: "
-             f"{ablation['base']['loss']:.4f}. Random: mean [min, max] over seeds. A ranking passes when masking its "
-             "top-k raises the loss more than masking random-k.", ""]
+    lines = [f"On the complex task's fully fine-tuned model (Finding 1's SFT), {ablation['mask']} ablation at the "
+             "input of the attention output projection (`lit_heads ablate`'s logic), of the top-k and bottom-k heads "
+             f"of each ranking and of k random heads (seeds {ablation['seeds']}, the same heads for both rankings). "
+             f"Loss = token-weighted response cross-entropy on {ablation['n_samples']} held-out `{ablation['task']}` "
+             f"samples ({ablation['n_tokens']} response tokens) that neither ranked the heads nor were graded; "
+             f"unmasked: {ablation['base']['loss']:.4f}. Random: mean [min, max] over seeds. A ranking passes when "
+             "masking its top-k raises the loss more than masking random-k.", ""]
     for name, ranking in ablation["rankings"].items():
         view = _causal_view(ablation, name)
         figure = plot(view, figures / f"ablation_{name}.png").name
@@ -419,7 +419,8 @@ def write_side_by_side(out: Path, runs: dict[str, dict]) -> Path:
         if what == "f3":
             f3 = results["finding3"]
             arms = f3["restricted"]["arms"]
-            return " / ".join([_f(100 * f3["full_sft_accuracy"], 1), *[_f(100 * a["accuracy"], 1) for a in arms.values()]])
+            return " / ".join([_f(100 * f3["full_sft_accuracy"], 1),
+                               *[_f(100 * a["accuracy"], 1) for a in arms.values()]])
         if what in ARMS:
             return _pct(app["accuracy"][what]) if what in app["accuracy"] else "n/a"
         if what == "paired":
@@ -457,7 +458,8 @@ def write_side_by_side(out: Path, runs: dict[str, dict]) -> Path:
              f"Complex task `{first['complex_task']}`, basic tasks {first['basic_tasks']}, seeds {first['seeds']}. "
              "Each model's own report: " + ", ".join(f"`{n}`" for n in names) + ".", ""]
     if differ:
-        lines += [f"**The runs differ in {sorted(set(differ))}**, so their columns are not a like-for-like comparison.", ""]
+        lines += [f"**The runs differ in {sorted(set(differ))}**, so their columns are not a like-for-like comparison.",
+                  ""]
     lines += _table(["measure", "paper", *models], [[label, p, *[cell(runs[n], what) for n in names]]
                                                     for label, p, what in rows])
     lines += ["", "± is the t-interval half-width over seeds where the runs asked for one (ci), else the standard "

@@ -84,10 +84,12 @@ def read_runs(folders: list[str]) -> dict[str, dict]:
     for folder in folders:
         path = Path(folder) / "results.json"
         if not path.is_file():
-            raise DataError(f"combine names {folder}, which has no results.json; give folders written by `lit_heads study`.")
+            raise DataError(f"combine names {folder}, which has no results.json; give folders written by `lit_heads "
+                            "study`.")
         results = json.loads(path.read_text())
         if not results.get("complete"):
-            raise DataError(f"{path} is from a run that did not finish (complete: false); rerun that study or leave it out.")
+            raise DataError(f"{path} is from a run that did not finish (complete: false); rerun that study or leave it "
+                            "out.")
         name = results["model"]["name"]
         runs[folder if name in runs else name] = results
     return runs

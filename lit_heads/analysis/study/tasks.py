@@ -25,7 +25,8 @@ class Task:
     causal: list[Example] = field(default_factory=list)
 
 
-def probe(tasks: dict[str, Task], name: str, n: int, mode: str = "own", complex_task: str | None = None) -> list[Example]:
+def probe(tasks: dict[str, Task], name: str, n: int, mode: str = "own",
+          complex_task: str | None = None) -> list[Example]:
     """The samples on which the pattern of a model trained on task `name` (or of the base model, for that
     task) is measured. Every pattern measurement asks here.
 
