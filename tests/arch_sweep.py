@@ -401,7 +401,8 @@ def run_checks(model_type: str) -> Outcome:
     batch = batch_for(model)
     ref, _, how = reference_ap_of(model, batch, n_layers=layout.n_layers)
     plain = model_type in PLAIN_LOSS
-    got = compute_ap(model, [batch], layout=layout, progress=False, loss_chunk_size=0 if plain else DEFAULT_CHUNK_SIZE).scores
+    chunk = 0 if plain else DEFAULT_CHUNK_SIZE
+    got = compute_ap(model, [batch], layout=layout, progress=False, loss_chunk_size=chunk).scores
     how += "; plain loss (`loss_chunk_size: 0`)" if plain else ""
     err = max_rel_err(got, ref)
     assert err <= AP_TOLERANCE, f"AP max relative error {err:.1e} > {AP_TOLERANCE:.0e} (reference via {how})"
