@@ -55,6 +55,27 @@ TINY_OVERLAY = {
 }
 
 
+def monitored_overrides(first_callback: dict) -> dict:
+    """Overrides for a 4-step fit that validates every 2 steps and runs `first_callback`, then the head
+    monitor (probe of 6 samples and the free pattern, every 2 steps) and the export, under runs/quickstart/."""
+    return {
+        "data": {"train_size": 16, "val_size": 8, "max_length": 128, "batch_size": 4},
+        "trainer": {
+            "max_steps": 4,
+            "val_check_interval": 2,
+            "log_every_n_steps": 1,
+            "callbacks": [
+                first_callback,
+                {"class_path": "lit_heads.callbacks.head_monitor.HeadActivationMonitor",
+                 "init_args": {"every_n_steps": 2, "probe_size": 6, "free": True, "top_k": 3,
+                               "dirpath": "runs/quickstart/heads"}},
+                {"class_path": "lit_heads.callbacks.export.ExportHF",
+                 "init_args": {"dirpath": "runs/quickstart/export"}},
+            ],
+        },
+    }
+
+
 def deep_merge(base: dict, overrides: dict) -> dict:
     """`base` with `overrides` merged in: nested dicts merge key by key, anything else (lists
     included) replaces the base value."""

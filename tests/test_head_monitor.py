@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import monitored_overrides
 from lit_heads.callbacks.head_monitor import HeadActivationMonitor
 from lit_heads.cli import main
 from lit_heads.data import SFTDataModule
@@ -17,23 +18,10 @@ from lit_heads.heads.history import PatternHistory
 from lit_heads.heads.scoring import compute_ap
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {
-    "data": {"train_size": 16, "val_size": 8, "max_length": 128, "batch_size": 4},
-    "trainer": {
-        "max_steps": 4,
-        "val_check_interval": 2,
-        "log_every_n_steps": 1,
-        "callbacks": [
-            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-             "init_args": {"dirpath": "runs/quickstart/checkpoints", "save_last": True, "save_top_k": -1,
-                           "every_n_train_steps": 2}},
-            {"class_path": "lit_heads.callbacks.head_monitor.HeadActivationMonitor",
-             "init_args": {"every_n_steps": 2, "probe_size": 6, "free": True, "top_k": 3,
-                           "dirpath": "runs/quickstart/heads"}},
-            {"class_path": "lit_heads.callbacks.export.ExportHF", "init_args": {"dirpath": "runs/quickstart/export"}},
-        ],
-    },
-}
+TINY = monitored_overrides(
+    {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+     "init_args": {"dirpath": "runs/quickstart/checkpoints", "save_last": True, "save_top_k": -1,
+                   "every_n_train_steps": 2}})
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM
 
+from conftest import monitored_overrides
 from lit_heads.callbacks.export import ExportHF
 from lit_heads.callbacks.head_restricted import HeadRestrictedFinetuning
 from lit_heads.callbacks.lora import LoRAFinetuning, lora_from_checkpoint, resolve_targets, unwrap_peft
@@ -264,22 +265,8 @@ def test_lora_and_head_restriction_together_are_refused(tiny_llama_dir, tmp_path
         fit(tiny_llama_dir, tmp_path, LoRAFinetuning(r=2), extra=[HeadRestrictedFinetuning(strategy="random", top_k=1)])
 
 
-TINY = {
-    "data": {"train_size": 16, "val_size": 8, "max_length": 128, "batch_size": 4},
-    "trainer": {
-        "max_steps": 4,
-        "val_check_interval": 2,
-        "log_every_n_steps": 1,
-        "callbacks": [
-            {"class_path": "lit_heads.callbacks.lora.LoRAFinetuning",
-             "init_args": {"r": 4, "targets": ["q_proj", "o_proj"]}},
-            {"class_path": "lit_heads.callbacks.head_monitor.HeadActivationMonitor",
-             "init_args": {"every_n_steps": 2, "probe_size": 6, "free": True, "top_k": 3,
-                           "dirpath": "runs/quickstart/heads"}},
-            {"class_path": "lit_heads.callbacks.export.ExportHF", "init_args": {"dirpath": "runs/quickstart/export"}},
-        ],
-    },
-}
+TINY = monitored_overrides(
+    {"class_path": "lit_heads.callbacks.lora.LoRAFinetuning", "init_args": {"r": 4, "targets": ["q_proj", "o_proj"]}})
 
 
 @pytest.mark.slow
