@@ -74,6 +74,11 @@ def bundled_gguf(name: str = DEFAULT_MODEL) -> Path:
     return bundled(name).gguf()
 
 
+def is_bundled(name: str) -> bool:
+    """Whether `name` is a bundled model's short name (or alias), in any letter case."""
+    return str(name).lower() in _BUNDLED_ALIASES
+
+
 def bundled(name: str) -> Bundled:
     short = _BUNDLED_ALIASES.get(str(name).lower())
     if short is None:
@@ -162,7 +167,7 @@ def resolve(name: str, dequantize: bool = True) -> ModelSource:
     With `dequantize=False` a GGUF model is not de-quantized: its source then names the GGUF file
     (`gguf_file`) and the cache folder it will be de-quantized into (`path`, which may not exist yet)."""
     name = str(name)
-    if name.lower() in _BUNDLED_ALIASES:
+    if is_bundled(name):
         model = bundled(name)
         return _cached_gguf(model.gguf(), label=model.label, dequantize=dequantize)
     path = Path(name).expanduser()

@@ -531,6 +531,10 @@ def lm_loss(args) -> dict:
     Memory: each child's own peak RSS (VmHWM), and the peak minus the RSS after loading the model.
     Ratios: chunked / plain, median over the rounds (targets: peak RSS <= 0.5 for the training step
     and for the AP batch, seconds per step <= 1.05).
+    Floor: a third child per round runs the same training step with the decoder only and no LM head
+    (loss = mean of the final hidden states): weights, AdamW state, the decoder's activations and the
+    input embedding's gradient, which every loss pays. Each loss's own memory is its peak above that
+    floor, reported side by side (no target: it says where the rest of the step's memory goes).
     """
     from lit_heads.heads.lm_loss import DEFAULT_CHUNK_SIZE
 
@@ -541,6 +545,7 @@ def lm_loss(args) -> dict:
     labels[:, : round(args.lm_length * (1 - args.lm_labelled))] = -100
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     rows = {"train": ([], []), "ap": ([], [])}
+    floor = []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "batch.pt"
         torch.save(batch, path)
@@ -553,6 +558,8 @@ def lm_loss(args) -> dict:
                 plain, chunked = rows[kind][0][-1], rows[kind][1][-1]
                 print(f"  round {r} {kind}: plain {plain['peak_rss_mb']:,.0f} MiB {plain['seconds']:.2f} s, chunked "
                       f"{chunked['peak_rss_mb']:,.0f} MiB {chunked['seconds']:.2f} s", flush=True)
+            floor.append(_run_worker("lm_loss_step", {**payload, "kind": "train", "chunk_size": None}))
+            print(f"  round {r} floor (decoder only): {floor[-1]['peak_rss_mb']:,.0f} MiB", flush=True)
 
     def ratio(kind, key):
         return statistics.median(b[key] / a[key] for a, b in zip(*rows[kind]))
@@ -562,6 +569,8 @@ def lm_loss(args) -> dict:
 
     train_mem, ap_mem, step = ratio("train", "peak_rss_mb"), ratio("ap", "peak_rss_mb"), ratio("train", "seconds")
     above = {k: [[x["peak_rss_mb"] - x["rss_after_load_mb"] for x in side] for side in rows[k]] for k in rows}
+    floor_mb = statistics.median(x["peak_rss_mb"] for x in floor)
+    loss_own = [median("train", side, "peak_rss_mb") - floor_mb for side in (0, 1)]
     return {
         "what": (f"{args.model}, batch {args.lm_batch} x {args.lm_length} tokens, {args.lm_labelled:.0%} labelled, "
                  f"chunk {chunk} positions, float32, {args.steps} timed + {args.warmup} warmup steps x {args.rounds} "
@@ -573,7 +582,11 @@ def lm_loss(args) -> dict:
              median("ap", 1, "peak_rss_mb"), ap_mem, "<= 0.5", ap_mem <= 0.5],
             ["lm_loss", "s/step, training (plain | chunked)", median("train", 0, "seconds"),
              median("train", 1, "seconds"), step, "<= 1.05", step <= 1.05],
+            ["lm_loss", f"training step, peak RSS MiB above the decoder-only floor of {floor_mb:,.0f} "
+             "(plain | chunked)",
+             loss_own[0], loss_own[1], loss_own[1] / loss_own[0], None, None],
         ],
+        "floor": floor,
         "chunk_size": chunk,
         "peak_above_loaded_model_mb": above,
         "runs": rows,
@@ -623,7 +636,7 @@ def load_memory(args) -> dict:
 
 @worker
 def w_lm_loss_step(p: dict) -> dict:
-    from lit_heads.heads.lm_loss import mean_loss, token_losses
+    from lit_heads.heads.lm_loss import decoder_of, mean_loss, token_losses
     from lit_heads.heads.scoring import compute_ap
     from lit_heads.models import load_model
 
@@ -631,6 +644,14 @@ def w_lm_loss_step(p: dict) -> dict:
     batch = torch.load(p["batch"])
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     rss = current_rss_mb()
+    if p["chunk_size"] is None:  # the floor: the decoder without any head
+        decoder = decoder_of(model)
+
+        def loss():
+            return decoder(**inputs, use_cache=False)[0].float().mean()
+    else:
+        def loss():
+            return mean_loss(token_losses(model, inputs, batch["labels"], chunk_size=p["chunk_size"]))
     if p["kind"] == "ap":
         start = time.perf_counter()
         compute_ap(model, [batch], progress=False, loss_chunk_size=p["chunk_size"])
@@ -640,7 +661,7 @@ def w_lm_loss_step(p: dict) -> dict:
     times = []
     for i in range(p["warmup"] + p["steps"]):
         start = time.perf_counter()
-        mean_loss(token_losses(model, inputs, batch["labels"], chunk_size=p["chunk_size"])).backward()
+        loss().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if i >= p["warmup"]:

@@ -137,11 +137,11 @@ def load_config(name: str):
     Hugging Face directory, a bare config.json, or a `lit_heads fit` checkpoint (its base model)."""
     from transformers import AutoConfig
 
-    from lit_heads.models import _BUNDLED_ALIASES, bundled_gguf, checkpoint_base_model
+    from lit_heads.models import bundled_gguf, checkpoint_base_model, is_bundled
 
     text = str(name)
     path = Path(text).expanduser()
-    if text.lower() in _BUNDLED_ALIASES:
+    if is_bundled(text):
         path = bundled_gguf(text)
     if path.suffix == ".ckpt":
         return load_config(checkpoint_base_model(path))

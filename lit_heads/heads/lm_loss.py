@@ -37,9 +37,11 @@ __all__ = ["DEFAULT_CHUNK_SIZE", "HeadNotReproducible", "IGNORE_INDEX", "check_c
            "mean_loss", "sample_means", "token_losses"]
 
 IGNORE_INDEX = -100
-# Positions per chunk: 1024 x 262,144 (Gemma 3) float32 logits are 1 GiB; fewer positions would
-# leave the head's matrix products too small to run at full speed.
-DEFAULT_CHUNK_SIZE = 1024
+# Positions per chunk. A chunk's backward holds several chunk-sized float32 tensors at once (the
+# recomputed logits, Gemma's softcap, log-softmax and their gradients): at 1024 x 262,144 (Gemma 3)
+# is several GiB (1 GiB each); 256 positions keep it near 1 GiB, and the head's matrix product is still
+# large enough to run at full speed (scripts/benchmark.py --sections lm_loss measures both).
+DEFAULT_CHUNK_SIZE = 256
 
 
 class HeadNotReproducible(ConfigError):
