@@ -522,6 +522,36 @@ def test_runner_restarts_every_arm_from_the_base_weights(tiny_llama_dir):
     assert 0.0 <= runner.accuracy(tasks["multistep_code"].heldout[:2]) <= 1.0
 
 
+def test_a_finished_training_run_leaves_no_optimizer_state_behind(tiny_llama_dir, monkeypatch):
+    """Each run's trainer and AdamW state are freed when the run ends, not whenever Python's cycle
+    collector gets to them: the default study's application stage trains 35 times in one process."""
+    import gc
+    import weakref
+
+    from lit_heads.analysis.study import StudyRunner, generated_tasks
+
+    cfg = StudyConfig(model=str(tiny_llama_dir), **TINY).validate()
+    runner = StudyRunner(cfg)
+    examples = generated_tasks(cfg)["multistep"].train[:4]
+    created: list[weakref.ref] = []
+    adamw = torch.optim.AdamW
+
+    def tracked_adamw(*args, **kwargs):
+        optimizer = adamw(*args, **kwargs)
+        created.append(weakref.ref(optimizer))
+        return optimizer
+
+    monkeypatch.setattr(torch.optim, "AdamW", tracked_adamw)  # train() builds its factory from torch.optim.AdamW
+    gc.disable()  # no collection that merely happens to run may free it
+    try:
+        for seed in range(2):
+            runner.reset()
+            runner.train(examples, 2, seed=seed)
+            assert len(created) == seed + 1 and all(ref() is None for ref in created), seed
+    finally:
+        gc.enable()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_runner_trains_scores_and_generates_on_the_configured_gpu(tiny_llama_dir):
     from lit_heads.analysis.study import StudyRunner, generated_tasks
