@@ -522,6 +522,7 @@ def test_runner_restarts_every_arm_from_the_base_weights(tiny_llama_dir):
     assert 0.0 <= runner.accuracy(tasks["multistep_code"].heldout[:2]) <= 1.0
 
 
+@pytest.mark.slow  # two whole fits
 def test_a_finished_training_run_leaves_no_optimizer_state_behind(tiny_llama_dir, monkeypatch):
     """Each run's trainer and AdamW state are freed when the run ends, not whenever Python's cycle
     collector gets to them: the default study's application stage trains 35 times in one process."""
