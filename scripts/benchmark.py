@@ -644,6 +644,10 @@ def w_lm_loss_step(p: dict) -> dict:
     batch = torch.load(p["batch"])
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     rss = current_rss_mb()
+    if p["kind"] == "ap":
+        start = time.perf_counter()
+        compute_ap(model, [batch], progress=False, loss_chunk_size=p["chunk_size"])
+        return {"seconds": time.perf_counter() - start, "rss_after_load_mb": rss, "peak_rss_mb": peak_rss_mb()}
     if p["chunk_size"] is None:  # the floor: the decoder without any head
         decoder = decoder_of(model)
 
@@ -652,10 +656,6 @@ def w_lm_loss_step(p: dict) -> dict:
     else:
         def loss():
             return mean_loss(token_losses(model, inputs, batch["labels"], chunk_size=p["chunk_size"]))
-    if p["kind"] == "ap":
-        start = time.perf_counter()
-        compute_ap(model, [batch], progress=False, loss_chunk_size=p["chunk_size"])
-        return {"seconds": time.perf_counter() - start, "rss_after_load_mb": rss, "peak_rss_mb": peak_rss_mb()}
     model.train()
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5, weight_decay=0.01)
     times = []
