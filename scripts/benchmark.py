@@ -535,6 +535,9 @@ def lm_loss(args) -> dict:
     (loss = mean of the final hidden states): weights, AdamW state, the decoder's activations and the
     input embedding's gradient, which every loss pays. Each loss's own memory is its peak above that
     floor, reported side by side (no target: it says where the rest of the step's memory goes).
+    `--lm_checkpointing` runs every child with the decoder layers' activations checkpointed
+    (non-reentrant, as `model.gradient_checkpointing: true` does), which lowers the floor for both sides;
+    `--lm_kinds` picks the measurements (train, ap).
     """
     from lit_heads.heads.lm_loss import DEFAULT_CHUNK_SIZE
 
@@ -544,7 +547,7 @@ def lm_loss(args) -> dict:
     labels = ids.clone()
     labels[:, : round(args.lm_length * (1 - args.lm_labelled))] = -100
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    rows = {"train": ([], []), "ap": ([], [])}
+    rows = {kind: ([], []) for kind in args.lm_kinds}
     floor = []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "batch.pt"
@@ -553,13 +556,14 @@ def lm_loss(args) -> dict:
             for kind in rows:
                 for side, size in ((0, 0), (1, chunk)):
                     payload = {"model": args.model, "batch": str(path), "chunk_size": size, "kind": kind,
-                               "warmup": args.warmup, "steps": args.steps}
+                               "warmup": args.warmup, "steps": args.steps, "checkpointing": args.lm_checkpointing}
                     rows[kind][side].append(_run_worker("lm_loss_step", payload))
                 plain, chunked = rows[kind][0][-1], rows[kind][1][-1]
                 print(f"  round {r} {kind}: plain {plain['peak_rss_mb']:,.0f} MiB {plain['seconds']:.2f} s, chunked "
                       f"{chunked['peak_rss_mb']:,.0f} MiB {chunked['seconds']:.2f} s", flush=True)
-            floor.append(_run_worker("lm_loss_step", {**payload, "kind": "train", "chunk_size": None}))
-            print(f"  round {r} floor (decoder only): {floor[-1]['peak_rss_mb']:,.0f} MiB", flush=True)
+            if "train" in rows:
+                floor.append(_run_worker("lm_loss_step", {**payload, "kind": "train", "chunk_size": None}))
+                print(f"  round {r} floor (decoder only): {floor[-1]['peak_rss_mb']:,.0f} MiB", flush=True)
 
     def ratio(kind, key):
         return statistics.median(b[key] / a[key] for a, b in zip(*rows[kind]))
@@ -567,25 +571,31 @@ def lm_loss(args) -> dict:
     def median(kind, side, key):
         return statistics.median(x[key] for x in rows[kind][side])
 
-    train_mem, ap_mem, step = ratio("train", "peak_rss_mb"), ratio("ap", "peak_rss_mb"), ratio("train", "seconds")
-    above = {k: [[x["peak_rss_mb"] - x["rss_after_load_mb"] for x in side] for side in rows[k]] for k in rows}
-    floor_mb = statistics.median(x["peak_rss_mb"] for x in floor)
-    loss_own = [median("train", side, "peak_rss_mb") - floor_mb for side in (0, 1)]
-    return {
-        "what": (f"{args.model}, batch {args.lm_batch} x {args.lm_length} tokens, {args.lm_labelled:.0%} labelled, "
-                 f"chunk {chunk} positions, float32, {args.steps} timed + {args.warmup} warmup steps x {args.rounds} "
-                 f"rounds, each side in a fresh process"),
-        "rows": [
+    table_rows = []
+    if "train" in rows:
+        train_mem, step = ratio("train", "peak_rss_mb"), ratio("train", "seconds")
+        floor_mb = statistics.median(x["peak_rss_mb"] for x in floor)
+        loss_own = [median("train", side, "peak_rss_mb") - floor_mb for side in (0, 1)]
+        table_rows += [
             ["lm_loss", "peak RSS MiB, training step (plain | chunked)", median("train", 0, "peak_rss_mb"),
              median("train", 1, "peak_rss_mb"), train_mem, "<= 0.5", train_mem <= 0.5],
-            ["lm_loss", "peak RSS MiB, AP batch (plain | chunked)", median("ap", 0, "peak_rss_mb"),
-             median("ap", 1, "peak_rss_mb"), ap_mem, "<= 0.5", ap_mem <= 0.5],
             ["lm_loss", "s/step, training (plain | chunked)", median("train", 0, "seconds"),
              median("train", 1, "seconds"), step, "<= 1.05", step <= 1.05],
             ["lm_loss", f"training step, peak RSS MiB above the decoder-only floor of {floor_mb:,.0f} "
-             "(plain | chunked)",
-             loss_own[0], loss_own[1], loss_own[1] / loss_own[0], None, None],
-        ],
+             "(plain | chunked)", loss_own[0], loss_own[1], loss_own[1] / loss_own[0], None, None],
+        ]
+    if "ap" in rows:
+        ap_mem = ratio("ap", "peak_rss_mb")
+        table_rows.append(["lm_loss", "peak RSS MiB, AP batch (plain | chunked)", median("ap", 0, "peak_rss_mb"),
+                           median("ap", 1, "peak_rss_mb"), ap_mem, "<= 0.5", ap_mem <= 0.5])
+    above = {k: [[x["peak_rss_mb"] - x["rss_after_load_mb"] for x in side] for side in rows[k]] for k in rows}
+    return {
+        "what": (f"{args.model}, batch {args.lm_batch} x {args.lm_length} tokens, {args.lm_labelled:.0%} labelled, "
+                 f"chunk {chunk} positions, float32, "
+                 + ("decoder layers checkpointed, " if args.lm_checkpointing else "")
+                 + f"{args.steps} timed + {args.warmup} warmup steps x {args.rounds} rounds, each side in a fresh "
+                 "process"),
+        "rows": table_rows,
         "floor": floor,
         "chunk_size": chunk,
         "peak_above_loaded_model_mb": above,
@@ -641,6 +651,8 @@ def w_lm_loss_step(p: dict) -> dict:
     from lit_heads.models import load_model
 
     model = load_model(p["model"])
+    if p.get("checkpointing"):  # as SFTModule's gradient_checkpointing: true (active in train mode only)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     batch = torch.load(p["batch"])
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     rss = current_rss_mb()
@@ -726,6 +738,10 @@ def main() -> None:
     parser.add_argument("--lm_length", type=int, default=512, help="lm_loss: tokens per sample")
     parser.add_argument("--lm_labelled", type=float, default=0.5, help="lm_loss: share of each sample labelled")
     parser.add_argument("--lm_chunk", type=int, default=0, help="lm_loss: loss_chunk_size (0: the default)")
+    parser.add_argument("--lm_checkpointing", action="store_true",
+                        help="lm_loss: checkpoint the decoder layers' activations in every child (lowers the floor)")
+    parser.add_argument("--lm_kinds", nargs="+", default=["train", "ap"], choices=["train", "ap"],
+                        help="lm_loss: which measurements to run")
     parser.add_argument("--device", default="cpu", help="throughput: cpu, or cuda (scripts/gpu_check.sh)")
     parser.add_argument("--load_dtypes", nargs="+", default=["float32", "bfloat16"],
                         help="load_memory: the dtypes to load --model in")
