@@ -188,9 +188,10 @@ def _differences(results: dict) -> list[str]:
     out.append(f"Gini fell after SFT for {drops} of {len(conc)} tasks (paper: 0.50 → 0.33, a fall).")
     ablation = results.get("ablation")
     for name, ranking in (ablation or {}).get("rankings", {}).items():
-        held = "passes" if ranking["passes"]["all"] else "does not pass"
-        out.append(f"Causal check, ranked by {ranking['label']}: the ranking {held} (masking its top-k raises the "
-                   f"held-out loss more than random-k at every k); top-k − random-k loss increase "
+        held = ("passes: masking its top-k raises the held-out loss more than random-k at every k"
+                if ranking["passes"]["all"] else
+                "does not pass: masking its top-k does not raise the held-out loss more than random-k at every k")
+        out.append(f"Causal check, ranked by {ranking['label']}: the ranking {held}; top-k − random-k loss increase "
                    f"{_causal_verdict(ablation, name)}. The paper ranks heads by AP without such a check.")
     app = results["application"]
     acc = app["accuracy"]
