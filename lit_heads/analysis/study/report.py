@@ -136,6 +136,8 @@ def _probes_md(probes: dict, main: str) -> list[str]:
 
 def _pct(stat: dict) -> str:
     """Accuracy summary as 'mean ± CI half-width' (or ± std without a CI), in percent."""
+    if stat.get("n", 2) < 2:  # one run has no spread to show
+        return f"{100 * stat['mean']:.1f}"
     spread = stat.get("half_width", stat["std"])
     return f"{100 * stat['mean']:.1f} ± {100 * spread:.1f}"
 
@@ -251,7 +253,8 @@ def _application_md(app: dict, cfg: dict, model: str, fig_app: str) -> list[str]
             interval = f"[{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]" if "low" in d else "n/a"
             rows.append([f"AP-guided − {ARM_LABELS[other].split(' → ')[0]}", f"{100 * d['mean']:+.1f}", interval,
                          ", ".join(f"{100 * v:+.1f}" for v in d["values"]), _paired_verdict(d)])
-        lines += _table(["difference", "mean", f"{100 * (app.get('ci') or 0):.0f}% CI", "per seed", "reading"], rows)
+        interval_name = f"{100 * app['ci']:.0f}% CI" if app.get("ci") else "CI"
+        lines += _table(["difference", "mean", interval_name, "per seed", "reading"], rows)
         lines += ["", f"Paper, AP-guided − random mix (one run each, no interval): {_paper_gains(named=True)} points."]
     lines += ["", f"![application](figures/{fig_app})", ""]
     return lines
