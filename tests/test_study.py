@@ -675,3 +675,13 @@ def test_study_package_imports_flow_one_way():
         assert not later, f"{name} imports {later}, which come after it"
     # The old modules would be shadowed by the package (study.py) or revive the cycle (study_report.py).
     assert not (folder.parent / "study_report.py").exists() and not (folder.parent / "study.py").exists()
+
+
+def test_an_accuracy_of_one_run_is_shown_without_a_spread():
+    from lit_heads.analysis.study.measures import summary
+    from lit_heads.analysis.study.report import _pct
+
+    assert _pct(summary([0.25])) == "25.0"  # one seed (or the base model): no spread to show
+    assert _pct(summary([0.25, 0.75])) == f"50.0 ± {100 * math.sqrt(0.125):.1f}"  # sample std without a CI
+    with_ci = summary([0.25, 0.75], 0.95)
+    assert _pct(with_ci) == f"50.0 ± {100 * with_ci['half_width']:.1f}" and with_ci["half_width"] > math.sqrt(0.125)
