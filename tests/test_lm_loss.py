@@ -145,7 +145,7 @@ class _WidestLogits(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("chunk_size", [0, 37])
+@pytest.mark.parametrize("chunk_size", [0, 37, 100])  # 100: all 90 labelled positions in one chunk
 def test_memory_is_bounded_by_the_chunk(chunk_size):
     # Hidden 32 < chunk 37: the head's weight ([V, 32]) is not mistaken for a chunk of logits.
     model = tiny_model("llama", vocab_size=V)
@@ -171,6 +171,21 @@ def test_memory_is_bounded_by_the_chunk(chunk_size):
     else:  # the plain path does hold them: the checks above can fail
         assert max(saved) >= B * (T - 1) * V
         assert widest.rows >= B * (T - 1)
+
+
+def test_the_head_is_recomputed_only_when_there_are_several_chunks():
+    model = tiny_model("llama", vocab_size=V)
+    batch = sft_batch((40, 33, 25), (4, 3, 1), vocab=V)  # 90 labelled positions
+    token_losses(model, _inputs(batch), batch["labels"], chunk_size=37)  # the one-off head check
+    calls = []
+    hook = model.lm_head.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    try:
+        for chunk_size, expected in ((37, [37, 37, 16] * 2), (90, [90]), (100, [90])):
+            calls.clear()
+            mean_loss(token_losses(model, _inputs(batch), batch["labels"], chunk_size=chunk_size)).backward()
+            assert sorted(calls) == sorted(expected), (chunk_size, calls)
+    finally:
+        hook.remove()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ vocabulary (Gemma 3) are the largest tensors of a step. The chunked path (the de
 model's decoder (`decoder_of`), gathers the hidden states of the labelled positions only and
 applies the LM head, and what the model's forward does to its logits after the head, to `chunk_size`
 positions at a time. Each chunk is checkpointed (`torch.utils.checkpoint`): backward recomputes its
-logits instead of keeping them, so the loss never holds more than one chunk of logits.
+logits instead of keeping them, so the loss never holds more than one chunk of logits (a batch whose
+labelled positions fit in one chunk skips the checkpoint: it holds one chunk either way).
 
 What a model does after its head (Gemma's final-logit softcapping, Cohere's logit scale, Granite's
 logit scaling, ...) is read from its config, then checked once per model against the model's own
@@ -102,7 +103,10 @@ def token_losses(model: nn.Module, inputs: Mapping[str, torch.Tensor], labels: t
     if rows.shape[0] == 0:  # still through the head, so the graph holds every parameter (zero gradients)
         return head.cross_entropy(rows, targets)
     chunks = [(rows[i:i + chunk_size], targets[i:i + chunk_size]) for i in range(0, rows.shape[0], chunk_size)]
-    if not torch.is_grad_enabled():  # no backward, nothing to recompute
+    # Without backward there is nothing to recompute. With one chunk, checkpointing would only move
+    # the same chunk of logits from the end of the forward to the start of the backward, at the cost
+    # of a second pass through the head (a tenth of a Gemma 3 training step at batch 4).
+    if not torch.is_grad_enabled() or len(chunks) == 1:
         return torch.cat([head.cross_entropy(r, t) for r, t in chunks])
     return torch.cat([checkpoint(head.cross_entropy, r, t, use_reentrant=False) for r, t in chunks])
 

@@ -93,10 +93,10 @@ class StudyConfig:
     real_data: str = "off"
     shared_data: str = "../shared/data"
     max_length: int = 208
-    batch_size: int = 4
+    batch_size: int = 2
     lr: float = 3e-4
     warmup_steps: int = 5
-    ap_samples: int = 24
+    ap_samples: int = 16
     probes: list[str] = field(default_factory=lambda: list(PROBES))
     ap_batch_size: int = 8
     sft_steps: int = 16
@@ -106,11 +106,11 @@ class StudyConfig:
     restricted_top_k: int = 27
     restricted_lr: float = 2e-3
     restricted_random: bool = True
-    eval_samples: int = 32
+    eval_samples: int = 24
     max_new_tokens: int = 64
     gen_batch_size: int = 32
-    complex_train_size: int = 24
-    mix_steps: int = 12
+    complex_train_size: int = 16
+    mix_steps: int = 8
     complex_steps: int = 8
     mix_size: int | None = None
     mix_method: str = "nnls"
@@ -126,7 +126,7 @@ class StudyConfig:
     real_ap_samples: int = 12
     real_max_length: int = 320
     real_train_size: int = 40
-    sec_per_step: float = 5.0
+    sec_per_step: float = 2.8
     sec_per_ap_sample: float = 0.55
     sec_per_gen_sample: float = 0.8
     sec_per_loss_sample: float = 0.4
