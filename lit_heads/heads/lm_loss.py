@@ -105,7 +105,7 @@ def token_losses(model: nn.Module, inputs: Mapping[str, torch.Tensor], labels: t
     chunks = [(rows[i:i + chunk_size], targets[i:i + chunk_size]) for i in range(0, rows.shape[0], chunk_size)]
     # Without backward there is nothing to recompute. With one chunk, checkpointing would only move
     # the same chunk of logits from the end of the forward to the start of the backward, at the cost
-    # of a second pass through the head (a tenth of a Gemma 3 training step at batch 4).
+    # of a second pass through the head (for Gemma 3, a [positions x 640] by [640 x 262,144] product).
     if not torch.is_grad_enabled() or len(chunks) == 1:
         return torch.cat([head.cross_entropy(r, t) for r, t in chunks])
     return torch.cat([checkpoint(head.cross_entropy, r, t, use_reentrant=False) for r, t in chunks])
