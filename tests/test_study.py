@@ -687,3 +687,21 @@ def test_an_accuracy_of_one_run_is_shown_without_a_spread():
     assert _pct(summary([0.25, 0.75])) == f"50.0 ± {100 * math.sqrt(0.125):.1f}"  # sample std without a CI
     with_ci = summary([0.25, 0.75], 0.95)
     assert _pct(with_ci) == f"50.0 ± {100 * with_ci['half_width']:.1f}" and with_ci["half_width"] > math.sqrt(0.125)
+
+
+def test_side_by_side_names_every_profile_field_on_which_the_runs_differ(tmp_path):
+    from lit_heads.analysis.study import write_side_by_side
+
+    # The two committed runs the README compares: same profile, so no warning.
+    docs = Path(__file__).resolve().parents[1] / "docs" / "study"
+    smol = json.loads((docs / "results.json").read_text())
+    gemma = json.loads((docs / "gemma3-270m" / "results.json").read_text())
+    assert "The runs differ" not in write_side_by_side(tmp_path / "same", {"a": smol, "b": gemma}).read_text()
+
+    # A profile change is named with each run's value; where it ran and the time estimates are not a profile.
+    older = {**gemma, "config": {**gemma["config"], "batch_size": 4, "mix_steps": 12, "sec_per_step": 9.0,
+                                 "output": "elsewhere", "device": "cuda"}}
+    text = write_side_by_side(tmp_path / "differ", {"a": smol, "b": older}).read_text()
+    assert ("**The runs differ in their profiles**, so their columns are not a like-for-like comparison: "
+            "`batch_size` (2, 4); `mix_steps` (8, 12), in the order of the columns.") in text
+    assert "sec_per_step" not in text and "`device`" not in text

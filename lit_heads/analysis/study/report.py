@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -396,13 +397,24 @@ def write_report(out: Path, results: dict, raw: dict, residual: np.ndarray, raw_
     return path
 
 
+# Config fields that say which model ran, where, and how long it was expected to take: they may differ between
+# the columns of one comparison. Every other field (tasks, seeds, steps, batch, samples...) shapes the numbers.
+_NOT_PROFILE = ("model", "output", "device", "progress_bar", "shared_data", "combine")
+
+
+def profile_differences(configs: list[dict]) -> dict[str, list]:
+    """{field: its value in each run} for every profile field on which the runs do not all agree."""
+    keys = sorted({k for c in configs for k in c if k not in _NOT_PROFILE and not k.startswith("sec_per_")})
+    values = {k: [c.get(k) for c in configs] for k in keys}
+    return {k: v for k, v in values.items() if any(x != v[0] for x in v[1:])}
+
+
 def write_side_by_side(out: Path, runs: dict[str, dict]) -> Path:
-    """report.md with the paper and every run in one table (same tasks and seeds assumed, and checked)."""
+    """report.md with the paper and every run in one table; says so when the runs' profiles differ."""
     out.mkdir(parents=True, exist_ok=True)
     names = list(runs)
     first = runs[names[0]]["config"]
-    same = ("basic_tasks", "complex_task", "seeds", "seed", "probes")
-    differ = [k for k in same for n in names[1:] if runs[n]["config"].get(k) != first.get(k)]
+    differ = profile_differences([runs[n]["config"] for n in names])
 
     def cell(results: dict, what: str) -> str:
         f1, f2, app = results["finding1"], results["finding2"], results["application"]
@@ -462,8 +474,9 @@ def write_side_by_side(out: Path, runs: dict[str, dict]) -> Path:
              f"Complex task `{first['complex_task']}`, basic tasks {first['basic_tasks']}, seeds {first['seeds']}. "
              "Each model's own report: " + ", ".join(f"`{n}`" for n in names) + ".", ""]
     if differ:
-        lines += [f"**The runs differ in {sorted(set(differ))}**, so their columns are not a like-for-like comparison.",
-                  ""]
+        fields = "; ".join(f"`{k}` ({', '.join(json.dumps(v) for v in values)})" for k, values in differ.items())
+        lines += [f"**The runs differ in their profiles**, so their columns are not a like-for-like comparison: "
+                  f"{fields}, in the order of the columns.", ""]
     lines += _table(["measure", "paper", *models], [[label, p, *[cell(runs[n], what) for n in names]]
                                                     for label, p, what in rows])
     lines += ["", "± is the t-interval half-width over seeds where the runs asked for one (ci), else the standard "
